@@ -1,0 +1,139 @@
+"""The one place mailsnap runs external commands. Nothing else imports ``sh``.
+
+Every command is an argv list (never a shell string) plus a ``mutates`` flag. The runner logs the
+command as a line that can be pasted into a shell, times it, and under dry run skips commands that
+would change the system while still running read-only discovery (``findmnt``, ``lvs``, ``zfs
+list``), so the printed plan is built from real facts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+import logging
+import shlex
+import signal
+import time
+
+import sh
+
+from mailsnap.errors import CommandFailed, ToolMissing
+
+log = logging.getLogger(__name__)
+
+# Discovery answers in milliseconds; anything slower is a hung device or NFS server.
+DEFAULT_TIMEOUT = 120.0
+# How long a child gets to exit after SIGTERM before it is killed.
+KILL_GRACE = 5.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a finished command printed. ``skipped`` is true for a mutating command in dry run."""
+
+    argv: tuple[str, ...]
+    stdout: str
+    stderr: str
+    exit_code: int
+    duration: float
+    skipped: bool = False
+
+
+@dataclass
+class Runner:
+    """Runs argv lists; ``dry_run`` skips mutating commands. ``history`` records every call."""
+
+    dry_run: bool = False
+    history: list[Result] = field(default_factory=list)
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        mutates: bool,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        ok_codes: Sequence[int] = (0,),
+        env: Mapping[str, str] | None = None,
+        hint: str = "",
+    ) -> Result:
+        """Run ``argv`` and return its output, or raise ``CommandFailed``.
+
+        Dry run: a mutating command is logged with a ``[dry-run]`` prefix and not run; read-only
+        commands run as usual. ``timeout=None`` is only for long copies that have their own
+        progress (rsync); anything that can hang on a device (umount, lvremove) gets a timeout.
+        If this process is interrupted while the command runs, the child is stopped first
+        (SIGTERM, then SIGKILL) and the interruption propagates, so teardown can start.
+        """
+        argv = tuple(str(a) for a in argv)
+        line = shlex.join(argv)
+        if mutates and self.dry_run:
+            log.info("[dry-run] %s", line)
+            result = Result(argv, "", "", 0, 0.0, skipped=True)
+            self.history.append(result)
+            return result
+        try:
+            command = sh.Command(argv[0])
+        except sh.CommandNotFound:
+            raise ToolMissing(
+                f"`{argv[0]}` is not installed or not on PATH: install it (see `mailsnap check`)"
+            ) from None
+        kwargs: dict[str, object] = {
+            "_bg": True,
+            "_bg_exc": False,
+            "_tty_out": False,
+            "_ok_code": list(ok_codes),
+            "_timeout": timeout,
+            "_decode_errors": "replace",
+        }
+        if env is not None:
+            # sh's _env replaces the whole environment; callers pass a complete one.
+            kwargs["_env"] = dict(env)
+        start = time.monotonic()
+        process = command(*argv[1:], **kwargs)
+        try:
+            process.wait()
+        except sh.TimeoutException:
+            duration = time.monotonic() - start
+            log.error("%s  (timed out after %.1fs)", line, duration)
+            raise CommandFailed(argv, None, f"no answer after {timeout:.0f}s", hint=hint) from None
+        except sh.ErrorReturnCode as exc:
+            duration = time.monotonic() - start
+            stderr = _text(exc.stderr)
+            log.error("%s  (exit %d, %.2fs)", line, exc.exit_code, duration)
+            raise CommandFailed(argv, exc.exit_code, stderr, hint=hint) from None
+        except sh.SignalException as exc:
+            raise CommandFailed(argv, exc.exit_code, _text(exc.stderr), hint=hint) from None
+        except BaseException:
+            _stop(process)
+            log.warning("%s  (stopped: mailsnap was interrupted)", line)
+            raise
+        duration = time.monotonic() - start
+        exit_code = int(process.exit_code or 0)
+        log.info("%s  (%.2fs)", line, duration)
+        result = Result(argv, _text(process.stdout), _text(process.stderr), exit_code, duration)
+        self.history.append(result)
+        return result
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, bytes):
+        return data.decode("utf-8", "replace")
+    return data
+
+
+def _stop(process: sh.RunningCommand) -> None:
+    """Stop a child we are abandoning: SIGTERM, a grace period, then SIGKILL."""
+    try:
+        if not process.is_alive():
+            return
+        process.process.signal(signal.SIGTERM)
+        deadline = time.monotonic() + KILL_GRACE
+        while process.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if process.is_alive():
+            process.process.kill()
+        process.wait()
+    except Exception:  # noqa: BLE001 - the child is gone either way; the original error matters
+        pass
