@@ -8,11 +8,11 @@ Errors come back as ``ConfigError`` with one line per bad field, e.g. ``job[0].t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import os
-from pathlib import Path
 import re
 import tomllib
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,7 +26,10 @@ DEFAULT_EXCLUDES = ("tmp/*", "dovecot-uidlist.lock", "dovecot-keywords.lock")
 
 
 def default_run_dir() -> Path:
-    """Where mailsnap puts its mount points: ``/run/mailsnap`` as root, a private dir otherwise."""
+    """Where mailsnap puts its mount points: ``$MAILSNAP_RUN_DIR``, else ``/run/mailsnap`` as
+    root, else a private directory of the user's."""
+    if os.environ.get("MAILSNAP_RUN_DIR"):
+        return Path(os.environ["MAILSNAP_RUN_DIR"])
     if os.geteuid() == 0:
         return Path("/run/mailsnap")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
@@ -99,32 +102,14 @@ class JobBase(_Model):
 
 
 class BtrfsJob(JobBase):
-    """A read-only btrfs snapshot of the subvolume that holds the source."""
+    """A read-only btrfs snapshot of the subvolume that holds the source.
+
+    The snapshot lives in ``.mailsnap/`` at the file system's top level (subvolid=5), which
+    mailsnap mounts privately under ``run_dir`` for the moment it needs it; never inside the
+    live mail tree, where Dovecot would take a ``.name`` directory for a mail folder.
+    """
 
     backend: Literal["btrfs"]
-    snapshot_dir: Path | None = Field(
-        default=None,
-        description="A directory on the same btrfs file system for snapshots. Default: mount the "
-        "top level (subvolid=5) privately and snapshot into its 'mailsnap' directory.",
-    )
-
-    @field_validator("snapshot_dir")
-    @classmethod
-    def _absolute_snapshot_dir(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_absolute():
-            raise ValueError(f"must be an absolute path, got {str(value)!r}")
-        return value
-
-    @model_validator(mode="after")
-    def _snapshot_dir_outside_source(self) -> BtrfsJob:
-        if self.snapshot_dir is not None:
-            snap, source = _normal(self.snapshot_dir), _normal(self.source)
-            if snap == source or source in snap.parents:
-                raise ValueError(
-                    f"snapshot_dir {str(self.snapshot_dir)!r} is inside source: Dovecot would "
-                    "see the snapshot as a mail folder; use a directory outside the mail tree"
-                )
-        return self
 
 
 class LiveJob(JobBase):
@@ -146,8 +131,63 @@ class AutoJob(JobBase):
     max_passes: int = Field(default=10, ge=1, le=1000)
 
 
-Job = Annotated[BtrfsJob | LiveJob | AutoJob, Field(discriminator="backend")]
-BACKEND_NAMES = ("auto", "btrfs", "live")
+class LvmJob(JobBase):
+    """A classic (COW) or thin LVM snapshot of the logical volume that holds the source."""
+
+    backend: Literal["lvm"]
+    snapshot_size: str = Field(
+        default="10%ORIGIN",
+        description="COW space of a classic snapshot: an absolute size ('2G', '512M') or "
+        "'N%ORIGIN' of the origin LV. mailsnap refuses to start when the volume group has less "
+        "free space. Ignored for thin LVs (their snapshots use the thin pool).",
+    )
+    cow_warn_percent: float = Field(
+        default=80.0,
+        gt=0,
+        le=100,
+        description="Log a warning when the snapshot's COW space (or the thin pool) is this "
+        "full; at 100% an LVM snapshot becomes invalid and the run fails.",
+    )
+    auto_extend: bool = Field(
+        default=False,
+        description="When the COW space passes cow_warn_percent, grow the snapshot "
+        "(lvextend) by its own size again, as far as the volume group's free space allows.",
+    )
+    mount_options: tuple[str, ...] | None = Field(
+        default=None,
+        description="Replace the file-system-specific snapshot mount options (XFS: nouuid, "
+        "norecovery; ext4: noload). 'ro,nosuid,nodev,noexec' are always added.",
+    )
+
+    @field_validator("snapshot_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        percent = re.fullmatch(r"(\d{1,3})%ORIGIN", value)
+        if percent and 1 <= int(percent.group(1)) <= 100:
+            return value
+        if not percent and re.fullmatch(r"\d+(\.\d+)?[KMGT]?", value, re.IGNORECASE):
+            return value
+        raise ValueError(f"must be a size like '2G', '512M' or '1-100%ORIGIN', got {value!r}")
+
+
+class ZfsJob(JobBase):
+    """A ZFS snapshot of the dataset that holds the source (and, by default, its children)."""
+
+    backend: Literal["zfs"]
+    recursive: bool = Field(
+        default=True,
+        description="Snapshot child datasets too, in one atomic 'zfs snapshot -r', and mount "
+        "the ones below the source inside the snapshot mount so they are copied.",
+    )
+    use_snapdir: bool = Field(
+        default=False,
+        description="Read the snapshot through the dataset's '.zfs/snapshot/<name>' directory "
+        "instead of mounting it under run_dir (child datasets are then not included).",
+    )
+
+
+Job = Annotated[BtrfsJob | LvmJob | ZfsJob | LiveJob | AutoJob, Field(discriminator="backend")]
+BACKEND_NAMES = ("auto", "btrfs", "lvm", "zfs", "live")
 
 
 class Config(_Model):

@@ -8,12 +8,15 @@ list``), so the printed plan is built from real facts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 import logging
+import os
 import shlex
 import signal
+import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import sh
 
@@ -48,61 +51,70 @@ class Runner:
 
     def run(
         self,
-        argv: Sequence[str],
+        argv: Sequence[str | os.PathLike[str]],
         *,
         mutates: bool,
         timeout: float | None = DEFAULT_TIMEOUT,
         ok_codes: Sequence[int] = (0,),
         env: Mapping[str, str] | None = None,
         hint: str = "",
+        on_wait: Callable[[], None] | None = None,
+        poll_interval: float = 5.0,
+        passthrough: bool = False,
     ) -> Result:
         """Run ``argv`` and return its output, or raise ``CommandFailed``.
 
         Dry run: a mutating command is logged with a ``[dry-run]`` prefix and not run; read-only
         commands run as usual. ``timeout=None`` is only for long copies that have their own
         progress (rsync); anything that can hang on a device (umount, lvremove) gets a timeout.
-        If this process is interrupted while the command runs, the child is stopped first
-        (SIGTERM, then SIGKILL) and the interruption propagates, so teardown can start.
+        ``on_wait`` is called every ``poll_interval`` seconds while the command runs (e.g. to
+        watch an LVM snapshot's COW space); if it raises, the command is stopped and the error
+        propagates. ``passthrough`` connects the command to our stdin/stdout/stderr instead of
+        capturing its output (for a user's own command). If this process is interrupted while
+        the command runs, the child is stopped first (SIGTERM, then SIGKILL) and the
+        interruption propagates, so teardown can start.
         """
-        argv = tuple(str(a) for a in argv)
-        line = shlex.join(argv)
+        args = tuple(os.fspath(a) for a in argv)
+        line = shlex.join(args)
         if mutates and self.dry_run:
             log.info("[dry-run] %s", line)
-            result = Result(argv, "", "", 0, 0.0, skipped=True)
+            result = Result(args, "", "", 0, 0.0, skipped=True)
             self.history.append(result)
             return result
         try:
-            command = sh.Command(argv[0])
+            command = sh.Command(args[0])
         except sh.CommandNotFound:
             raise ToolMissing(
-                f"`{argv[0]}` is not installed or not on PATH: install it (see `mailsnap check`)"
+                f"`{args[0]}` is not installed or not on PATH: install it (see `mailsnap check`)"
             ) from None
-        kwargs: dict[str, object] = {
+        kwargs: dict[str, Any] = {
             "_bg": True,
             "_bg_exc": False,
             "_tty_out": False,
             "_ok_code": list(ok_codes),
-            "_timeout": timeout,
             "_decode_errors": "replace",
         }
+        if passthrough:
+            kwargs.update(_out=sys.stdout, _err=sys.stderr, _in=sys.stdin)
         if env is not None:
             # sh's _env replaces the whole environment; callers pass a complete one.
             kwargs["_env"] = dict(env)
         start = time.monotonic()
-        process = command(*argv[1:], **kwargs)
+        deadline = None if timeout is None else start + timeout
+        process: sh.RunningCommand = command(*args[1:], **kwargs)
         try:
-            process.wait()
-        except sh.TimeoutException:
-            duration = time.monotonic() - start
-            log.error("%s  (timed out after %.1fs)", line, duration)
-            raise CommandFailed(argv, None, f"no answer after {timeout:.0f}s", hint=hint) from None
+            _wait(process, deadline, on_wait, poll_interval)
+        except _TimedOut:
+            _stop(process)
+            log.error("%s  (timed out after %.0fs)", line, timeout)
+            raise CommandFailed(args, None, f"no answer after {timeout:.0f}s", hint=hint) from None
         except sh.ErrorReturnCode as exc:
             duration = time.monotonic() - start
             stderr = _text(exc.stderr)
             log.error("%s  (exit %d, %.2fs)", line, exc.exit_code, duration)
-            raise CommandFailed(argv, exc.exit_code, stderr, hint=hint) from None
+            raise CommandFailed(args, exc.exit_code, stderr, hint=hint) from None
         except sh.SignalException as exc:
-            raise CommandFailed(argv, exc.exit_code, _text(exc.stderr), hint=hint) from None
+            raise CommandFailed(args, exc.exit_code, _text(exc.stderr), hint=hint) from None
         except BaseException:
             _stop(process)
             log.warning("%s  (stopped: mailsnap was interrupted)", line)
@@ -110,9 +122,35 @@ class Runner:
         duration = time.monotonic() - start
         exit_code = int(process.exit_code or 0)
         log.info("%s  (%.2fs)", line, duration)
-        result = Result(argv, _text(process.stdout), _text(process.stderr), exit_code, duration)
+        result = Result(args, _text(process.stdout), _text(process.stderr), exit_code, duration)
         self.history.append(result)
         return result
+
+
+class _TimedOut(Exception):
+    pass
+
+
+def _wait(
+    process: sh.RunningCommand,
+    deadline: float | None,
+    on_wait: Callable[[], None] | None,
+    poll_interval: float,
+) -> None:
+    """Wait for ``process``, calling ``on_wait`` between polls; raise ``_TimedOut`` at deadline."""
+    while True:
+        step = poll_interval if on_wait is not None else None
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _TimedOut
+            step = remaining if step is None else min(step, remaining)
+        try:
+            process.wait(timeout=step)
+            return
+        except sh.TimeoutException:
+            if on_wait is not None:
+                on_wait()
 
 
 def _text(data: bytes | str | None) -> str:
@@ -135,5 +173,5 @@ def _stop(process: sh.RunningCommand) -> None:
         if process.is_alive():
             process.process.kill()
         process.wait()
-    except Exception:  # noqa: BLE001 - the child is gone either way; the original error matters
-        pass
+    except (sh.ErrorReturnCode, ProcessLookupError):
+        pass  # it exited because we signalled it; the error that made us stop it is what matters

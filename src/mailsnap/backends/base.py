@@ -1,8 +1,9 @@
 """The contract every snapshot backend keeps, and the records backends exchange with the pipeline.
 
 A backend is a small class behind ``SnapshotBackend``. The pipeline only ever calls these methods,
-in this order: ``discover`` → ``create`` → ``mount`` → (copy) → ``unmount`` → ``destroy``; and, at the
-start of a run, ``list_owned`` + ``unmount``/``destroy`` to sweep what a crashed run left behind.
+in this order: ``discover`` → ``create`` → ``mount`` → (copy) → ``unmount`` → ``destroy``;
+and, at the start of a run, ``list_owned`` + ``unmount``/``destroy`` to sweep what a crashed
+run left behind.
 Adding a backend means writing one such class and registering it in ``backends/__init__.py``.
 
 Ownership: every name a backend creates (snapshot, LV, dataset snapshot, mount directory) carries
@@ -12,9 +13,9 @@ carries the ``mailsnap-<job>-`` marker. The pipeline calls these methods under t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-import re
 from typing import ClassVar, Protocol, runtime_checkable
 
 OWNER_PREFIX = "mailsnap-"

@@ -1,0 +1,3 @@
+from mailsnap.cli import main
+
+main()

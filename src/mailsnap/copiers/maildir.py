@@ -1,0 +1,400 @@
+"""The live copier: a Maildir-aware copy of a store that Dovecot is changing while we read it.
+
+Why not rsync: rsync lists a directory, then opens each name. Between the two, Dovecot renames
+``cur/NAME:2,S`` to ``cur/NAME:2,RS`` (a flag change), moves ``new/NAME`` to ``cur/NAME:2,`` or
+moves the message to another folder; rsync then reports the file as vanished and the backup
+lacks a message that existed the whole time. Dovecot's own lock does not help: flag renames do
+not take ``dovecot-uidlist.lock``.
+
+What this copier does instead:
+- A message is keyed by its base name (the part before ``:2,``), which Dovecot never changes for
+  renames within a folder. Each folder's messages are copied once per base name.
+- ``new/`` is listed before ``cur/``, so a message moving ``new/``→``cur/`` between the two
+  listings is seen in ``cur/``.
+- When opening a listed name fails with ENOENT, the folder is listed again and the message is
+  found under its new name; once open, renames no longer matter (we read the open file).
+- The whole tree is re-scanned until ``quiet_passes`` passes in a row find nothing new, so a
+  message moved into a folder that was already copied is still caught.
+- ``tmp/`` content (half-delivered files) and lock files are never copied; ``tmp/`` itself is
+  created empty so each folder stays a valid Maildir.
+A message moved between folders during the copy can appear in both (a duplicate by Message-ID,
+never a loss), just as in an atomic snapshot taken mid-MOVE.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from mailsnap.copiers.base import CopyStats
+from mailsnap.copiers.excludes import ExcludeMatcher
+from mailsnap.errors import CopyFailed
+from mailsnap.runner import Runner
+
+log = logging.getLogger(__name__)
+
+MESSAGE_DIRS = ("new", "cur")  # in this order: Dovecot only ever moves new/ → cur/
+INFO_SEPARATOR = ":"  # Maildir's "NAME:2,FLAGS"; Dovecot's maildir_info_separator default
+RELIST_ATTEMPTS = 5
+WATCH_INTERVAL = 5.0
+CHUNK = 1 << 20
+
+
+def base_name(filename: str) -> str:
+    """``1700000000.M1P2.host,S=123:2,RS`` → ``1700000000.M1P2.host,S=123``."""
+    return filename.split(INFO_SEPARATOR, 1)[0]
+
+
+def _is_maildir(path: Path) -> bool:
+    return (path / "cur").is_dir() and (path / "new").is_dir()
+
+
+def _gone(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOENT, errno.ENOTDIR)
+
+
+@dataclass
+class _Folder:
+    """Per-folder state: which base names are already in the backup."""
+
+    copied: set[str] = field(default_factory=set)
+    previous: dict[str, Path] | None = None  # base name → file in the previous backup
+
+
+class MaildirCopier:
+    name: ClassVar[str] = "maildir"
+
+    def __init__(self, runner: Runner, *, max_passes: int = 10, quiet_passes: int = 2) -> None:
+        self.runner = runner
+        self.max_passes = max_passes
+        self.quiet_passes = quiet_passes
+
+    def copy(
+        self,
+        source: Path,
+        dest: Path,
+        *,
+        previous: Path | None,
+        excludes: Sequence[str],
+        watch: Callable[[], None] | None = None,
+    ) -> CopyStats:
+        """Copy a live Maildir tree. Dry run: one read-only pass that counts what it would copy.
+
+        Stops when ``quiet_passes`` passes in a row find no new message, or after
+        ``max_passes`` (under steady delivery new mail keeps arriving; mail delivered after the
+        backup started is not owed to this backup, and the log says how much was still arriving).
+        """
+        run = _Run(source, dest, previous, ExcludeMatcher(excludes), self.runner.dry_run, watch)
+        quiet = 0
+        started = time.monotonic()
+        new = 0
+        for number in range(1, self.max_passes + 1):
+            new = run.one_pass()
+            run.stats.passes = number
+            log.info("live copy pass %d: %d new files", number, new)
+            if self.runner.dry_run:
+                break
+            quiet = quiet + 1 if new == 0 else 0
+            if quiet >= self.quiet_passes:
+                break
+        else:
+            log.warning(
+                "live copy: stopped after %d passes; %d files arrived during the last one "
+                "(mail delivered after the backup started; the next backup takes it)",
+                self.max_passes,
+                new,
+            )
+        run.finish_directories()
+        log.info(
+            "live copy: %d files, %d bytes (%d hard-linked to the previous backup) in %d "
+            "passes, %.2fs; %d vanished before they could be read (expunged)",
+            run.stats.files,
+            run.stats.bytes,
+            run.stats.linked,
+            run.stats.passes,
+            time.monotonic() - started,
+            run.stats.vanished,
+        )
+        return run.stats
+
+
+class _Run:
+    def __init__(
+        self,
+        source: Path,
+        dest: Path,
+        previous: Path | None,
+        excludes: ExcludeMatcher,
+        dry_run: bool,
+        watch: Callable[[], None] | None,
+    ) -> None:
+        self.source = source
+        self.dest = dest
+        self.previous = previous
+        self.excludes = excludes
+        self.dry_run = dry_run
+        self.watch = watch
+        self.last_watch = time.monotonic()
+        self.stats = CopyStats(passes=0)
+        self.folders: dict[str, _Folder] = {}
+        self.plain_copied: set[str] = set()
+        self.directories: dict[str, os.stat_result] = {}
+        self.inodes: dict[tuple[int, int], Path] = {}  # source inode → first copy (hard links)
+        self.is_root = os.geteuid() == 0
+
+    # -- walking ---------------------------------------------------------------------------
+
+    def one_pass(self) -> int:
+        before = self.stats.files
+        self._directory("")
+        return self.stats.files - before
+
+    def _directory(self, rel: str) -> None:
+        self._maybe_watch()
+        path = self.source / rel if rel else self.source
+        try:
+            info = os.lstat(path)
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as exc:
+            if _gone(exc) and rel:
+                return  # a folder deleted or renamed by the user; its new name is found later
+            raise CopyFailed(f"cannot read {path}: {exc.strerror}") from None
+        self._make_dir(rel, info)
+        maildir = _is_maildir(path)
+        for entry in entries:
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            structural = maildir and is_dir and entry.name in (*MESSAGE_DIRS, "tmp")
+            if not structural and self.excludes.excluded(child, is_dir=is_dir):
+                continue
+            if maildir and is_dir and entry.name in MESSAGE_DIRS:
+                continue  # handled below, in a fixed order
+            if maildir and is_dir and entry.name == "tmp":
+                self._tmp_dir(child)
+            elif is_dir:
+                self._directory(child)
+            else:
+                self._plain_file(child)
+        if maildir:
+            self._messages(rel)
+
+    def _tmp_dir(self, rel: str) -> None:
+        """Create ``tmp/`` with its owner and mode, never its content (half-written files)."""
+        try:
+            info = os.lstat(self.source / rel)
+        except OSError as exc:
+            if _gone(exc):
+                return
+            raise
+        self._make_dir(rel, info)
+
+    # -- messages --------------------------------------------------------------------------
+
+    def _list_messages(self, folder_rel: str) -> dict[str, str]:
+        """base name → ``sub/filename`` for the folder's ``new/`` then ``cur/``."""
+        found: dict[str, str] = {}
+        for sub in MESSAGE_DIRS:
+            path = self.source / folder_rel / sub if folder_rel else self.source / sub
+            try:
+                names = os.listdir(path)
+            except OSError as exc:
+                if _gone(exc):
+                    continue
+                raise CopyFailed(f"cannot list {path}: {exc.strerror}") from None
+            for name in names:
+                if not name.startswith("."):
+                    found[base_name(name)] = f"{sub}/{name}"
+        return found
+
+    def _messages(self, folder_rel: str) -> None:
+        folder = self.folders.setdefault(folder_rel, _Folder())
+        for sub in MESSAGE_DIRS:
+            rel = f"{folder_rel}/{sub}" if folder_rel else sub
+            try:
+                self._make_dir(rel, os.lstat(self.source / rel))
+            except OSError as exc:
+                if not _gone(exc):
+                    raise
+        listing = self._list_messages(folder_rel)
+        for base in sorted(listing.keys() - folder.copied):
+            self._maybe_watch()
+            name = listing[base]
+            for _attempt in range(RELIST_ATTEMPTS):
+                rel = f"{folder_rel}/{name}" if folder_rel else name
+                if self.excludes.excluded(rel, is_dir=False):
+                    folder.copied.add(base)
+                    break
+                if self._copy_message(folder, folder_rel, base, rel):
+                    folder.copied.add(base)
+                    break
+                # Renamed (flag change, new/ → cur/) since we listed: find it again.
+                renamed = self._list_messages(folder_rel).get(base)
+                if renamed is None:
+                    # Moved to another folder or expunged; a later pass finds it if it moved.
+                    self.stats.vanished += 1
+                    break
+                name = renamed
+
+    def _copy_message(self, folder: _Folder, folder_rel: str, base: str, rel: str) -> bool:
+        """Copy one message; False if it vanished before we could open it."""
+        try:
+            fd = os.open(self.source / rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if _gone(exc):
+                return False
+            raise CopyFailed(f"cannot read {self.source / rel}: {exc.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            linked = self._link_previous(folder, folder_rel, base, rel, info)
+            if not linked:
+                self._write_copy(fd, rel, info)
+        finally:
+            os.close(fd)
+        return True
+
+    def _link_previous(
+        self, folder: _Folder, folder_rel: str, base: str, rel: str, info: os.stat_result
+    ) -> bool:
+        """Hard-link a message that the previous backup already holds. A Maildir message never
+        changes content, only its name, so the same base name with the same size and mtime is
+        the same message even if its flags (and so its name) changed since.
+        """
+        if self.previous is None:
+            return False
+        if folder.previous is None:
+            folder.previous = self._previous_index(folder_rel)
+        old = folder.previous.get(base)
+        if old is None:
+            return False
+        try:
+            old_info = os.lstat(old)
+        except OSError:
+            return False
+        if old_info.st_size != info.st_size or old_info.st_mtime_ns != info.st_mtime_ns:
+            return False
+        self.stats.files += 1
+        self.stats.bytes += info.st_size
+        self.stats.linked += 1
+        if not self.dry_run:
+            os.link(old, self.dest / rel)
+        return True
+
+    def _previous_index(self, folder_rel: str) -> dict[str, Path]:
+        assert self.previous is not None
+        index: dict[str, Path] = {}
+        for sub in MESSAGE_DIRS:
+            path = self.previous / folder_rel / sub
+            try:
+                names = os.listdir(path)
+            except OSError:
+                continue
+            for name in names:
+                index[base_name(name)] = path / name
+        return index
+
+    # -- plain files -----------------------------------------------------------------------
+
+    def _plain_file(self, rel: str) -> None:
+        """dovecot-uidlist, index files, subscriptions …: copied once, on first sight."""
+        if rel in self.plain_copied:
+            return
+        path = self.source / rel
+        try:
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                if not self.dry_run:
+                    os.symlink(os.readlink(path), self.dest / rel)
+                    self._own(self.dest / rel, info, follow=False)
+                self.plain_copied.add(rel)
+                return
+            if not stat.S_ISREG(info.st_mode):
+                log.warning("skipping %s: not a regular file", path)
+                self.plain_copied.add(rel)
+                return
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if _gone(exc):
+                return  # rewritten by Dovecot (index files are replaced by rename); next pass
+            raise CopyFailed(f"cannot read {path}: {exc.strerror}") from None
+        try:
+            self._write_copy(fd, rel, os.fstat(fd))
+        finally:
+            os.close(fd)
+        self.plain_copied.add(rel)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _write_copy(self, fd: int, rel: str, info: os.stat_result) -> None:
+        self.stats.files += 1
+        self.stats.bytes += info.st_size
+        if self.dry_run:
+            return
+        target = self.dest / rel
+        key = (info.st_dev, info.st_ino)
+        if info.st_nlink > 1 and key in self.inodes:
+            # Dovecot's COPY hard-links a message into the other folder; keep it one file.
+            os.link(self.inodes[key], target)
+            return
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            out = os.open(target, flags, 0o600)
+        except OSError as exc:
+            raise CopyFailed(f"cannot write {target}: {exc.strerror}") from None
+        try:
+            while chunk := os.read(fd, CHUNK):
+                os.write(out, chunk)
+            self._own_fd(out, info)
+            os.utime(out, ns=(info.st_atime_ns, info.st_mtime_ns))
+        except OSError as exc:
+            raise CopyFailed(f"cannot write {target}: {exc.strerror}") from None
+        finally:
+            os.close(out)
+        if info.st_nlink > 1:
+            self.inodes[key] = target
+
+    def _own_fd(self, fd: int, info: os.stat_result) -> None:
+        if self.is_root:
+            os.fchown(fd, info.st_uid, info.st_gid)
+        os.fchmod(fd, stat.S_IMODE(info.st_mode))
+
+    def _own(self, path: Path, info: os.stat_result, *, follow: bool = True) -> None:
+        if self.is_root:
+            os.chown(path, info.st_uid, info.st_gid, follow_symlinks=follow)
+        if follow:
+            os.chmod(path, stat.S_IMODE(info.st_mode))
+
+    def _make_dir(self, rel: str, info: os.stat_result) -> None:
+        if rel in self.directories:
+            return
+        self.directories[rel] = info
+        if self.dry_run:
+            return
+        target = self.dest / rel if rel else self.dest
+        target.mkdir(mode=0o700, exist_ok=True)
+        self._own(target, info)
+
+    def finish_directories(self) -> None:
+        """Directory times last, deepest first: creating entries would bump them."""
+        if self.dry_run:
+            return
+        for rel in sorted(self.directories, key=lambda r: r.count("/"), reverse=True):
+            if not rel:
+                continue  # the top is the backup's own mail/ directory; its time is the run's
+            info = self.directories[rel]
+            os.utime(self.dest / rel, ns=(info.st_atime_ns, info.st_mtime_ns))
+
+    def _maybe_watch(self) -> None:
+        if self.watch is not None and time.monotonic() - self.last_watch > WATCH_INTERVAL:
+            self.last_watch = time.monotonic()
+            self.watch()
+

@@ -1,0 +1,57 @@
+"""SIGINT, SIGTERM and SIGHUP become an ordinary exception, so ``with`` blocks unwind and the
+snapshot is torn down. Once teardown starts, further signals are logged and ignored: a second
+Ctrl-C must not leave a snapshot mounted halfway through its unmount (SIGKILL still works, and
+the next run sweeps what it leaves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+from mailsnap.errors import Interrupted
+
+log = logging.getLogger(__name__)
+
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class SignalGuard:
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.deferring = False
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.deferring or self.received is not None:
+            log.warning("%s received during teardown; finishing teardown first", name)
+            return
+        self.received = name
+        log.warning("%s received; stopping and tearing down", name)
+        raise Interrupted(name)
+
+    def defer(self) -> None:
+        """From now on (teardown), signals no longer interrupt."""
+        self.deferring = True
+
+
+@contextlib.contextmanager
+def signals_unwind() -> Iterator[SignalGuard]:
+    """Install the handlers for the duration of a run (main thread only; elsewhere, e.g. a
+    test's worker thread, signals stay as they are)."""
+    guard = SignalGuard()
+    if threading.current_thread() is not threading.main_thread():
+        yield guard
+        return
+    previous = {sig: signal.getsignal(sig) for sig in HANDLED}
+    for sig in HANDLED:
+        signal.signal(sig, guard._handle)
+    try:
+        yield guard
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,229 @@
+"""The backup store on the local disk: ``TARGET/<job>/<run id>/`` with ``mail/`` and
+``mailsnap.json``, a ``latest`` link, and the job's run lock.
+
+A backup is built in ``<run id>.partial/`` and published by one ``rename`` only after the copy
+succeeded, so a reader (or a restore) never sees a half-made backup under a dated name, and a
+failed run never touches the backups before it. Everything is mode 0700: backups are users' mail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from mailsnap.backends.base import RUN_ID_RE
+from mailsnap.errors import LockedError, MailsnapError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "mailsnap.json"
+CONTENT = "mail"
+PARTIAL_SUFFIX = ".partial"
+LOCK_FILE = ".lock"
+LATEST = "latest"
+
+
+def run_id_for(now: datetime) -> str:
+    return now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+@dataclass(frozen=True)
+class Backup:
+    """One published backup."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @property
+    def content(self) -> Path:
+        return self.path / CONTENT
+
+
+class BackupStore:
+    """All backups of one job, under ``root`` = ``TARGET/<job>``."""
+
+    def __init__(self, root: Path, *, dry_run: bool = False) -> None:
+        self.root = root
+        self.dry_run = dry_run
+
+    # -- the run lock ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold ``TARGET/<job>/.lock`` (flock) for the whole run, so two runs of one job never
+        sweep each other's snapshots. Creates the job directory (0700) if needed — in dry run
+        too, since the lock is what keeps a dry run from racing a real one.
+        """
+        self._make_private_dirs()
+        path = self.root / LOCK_FILE
+        handle = path.open("a+")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = handle.read().strip() or "another process"
+                raise LockedError(
+                    f"job already running ({holder} holds {path}); wait for it to finish"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}\n")
+            handle.flush()
+            yield
+        finally:
+            handle.close()
+
+    def _make_private_dirs(self) -> None:
+        for directory in (self.root.parent, self.root):
+            if not directory.exists():
+                try:
+                    directory.mkdir(mode=0o700)
+                except FileExistsError:
+                    pass
+                except OSError as exc:
+                    raise MailsnapError(
+                        f"target {directory}: cannot create it ({exc.strerror}); "
+                        "create it or fix the permissions of its parent"
+                    ) from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise MailsnapError(f"target {self.root}: not writable; run as root or fix its owner")
+        # The job directory is ours: keep it private even if it was created by hand.
+        os.chmod(self.root, 0o700)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def backups(self) -> list[Backup]:
+        """Published backups, oldest first. Partial and foreign directories are ignored."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for entry in sorted(self.root.iterdir()):
+            if not re.fullmatch(RUN_ID_RE, entry.name) or not entry.is_dir():
+                continue
+            try:
+                manifest = json.loads((entry / MANIFEST).read_text())
+            except (OSError, ValueError):
+                continue  # not a published mailsnap backup
+            found.append(Backup(entry, manifest))
+        return found
+
+    def latest(self) -> Backup | None:
+        backups = self.backups()
+        return backups[-1] if backups else None
+
+    def new_run_id(self, now: datetime) -> str:
+        """A run id not used yet: the UTC time, with ``.1``, ``.2`` … for runs in one second."""
+        base = run_id_for(now)
+        candidate, n = base, 0
+        while (self.root / candidate).exists() or self.partial_path(candidate).exists():
+            n += 1
+            candidate = f"{base}.{n}"
+        return candidate
+
+    def partial_path(self, run_id: str) -> Path:
+        return self.root / f"{run_id}{PARTIAL_SUFFIX}"
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def begin(self, run_id: str) -> Path:
+        """Create ``<run id>.partial/mail/`` and return the ``.partial`` directory.
+        Dry run: returns the path, creates nothing."""
+        partial = self.partial_path(run_id)
+        if not self.dry_run:
+            partial.mkdir(mode=0o700)
+            (partial / CONTENT).mkdir(mode=0o700)
+        return partial
+
+    def discard(self, partial: Path) -> None:
+        """Remove an unpublished ``.partial`` directory (after a failed or interrupted run).
+        Only ever removes names ending in ``.partial`` directly under this job's directory."""
+        if self.dry_run or not partial.exists():
+            return
+        if partial.parent != self.root or not partial.name.endswith(PARTIAL_SUFFIX):
+            raise MailsnapError(f"refusing to remove {partial}: not a partial backup")
+        shutil.rmtree(partial)
+        log.info("removed unpublished %s", partial)
+
+    def sweep_partials(self) -> list[Path]:
+        """Remove ``.partial`` directories a crashed run left (we hold the lock, so no live run
+        owns them)."""
+        if not self.root.is_dir():
+            return []
+        stale = [
+            p
+            for p in self.root.iterdir()
+            if p.name.endswith(PARTIAL_SUFFIX)
+            and re.fullmatch(RUN_ID_RE, p.name.removesuffix(PARTIAL_SUFFIX))
+        ]
+        for partial in stale:
+            log.warning("removing %s left by an interrupted run", partial)
+            self.discard(partial)
+        return stale
+
+    def publish(self, partial: Path, manifest: dict[str, Any]) -> Backup:
+        """Write the manifest, then rename ``<id>.partial`` → ``<id>`` and point ``latest`` at it.
+        The rename is the commit point: before it nothing is published, after it the backup is
+        complete and durable (files and directories are fsync'ed first).
+        """
+        final = self.root / partial.name.removesuffix(PARTIAL_SUFFIX)
+        if self.dry_run:
+            return Backup(final, manifest)
+        manifest_path = partial / MANIFEST
+        with manifest_path.open("w") as handle:
+            json.dump(manifest, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(manifest_path, 0o600)
+        _sync_tree(partial)
+        if final.exists():
+            raise MailsnapError(f"{final} already exists; refusing to overwrite a backup")
+        os.rename(partial, final)
+        self._point_latest(final.name)
+        _fsync_dir(self.root)
+        return Backup(final, manifest)
+
+    def _point_latest(self, name: str) -> None:
+        link = self.root / LATEST
+        tmp = self.root / f".{LATEST}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(name, tmp)
+        os.replace(tmp, link)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(path: Path) -> None:
+    """Make the copied files durable before the rename publishes them. ``syncfs`` flushes the
+    target file system in one call instead of an fsync per message."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.syncfs(fd) if hasattr(os, "syncfs") else os.sync()
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+        os.sync()
+    finally:
+        os.close(fd)
