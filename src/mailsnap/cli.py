@@ -7,19 +7,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
 import logging
 import os
+from pathlib import Path
 import shlex
 import shutil
 import sys
-from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
-import typer
 from rich.console import Console
 from rich.table import Table
+import typer
 
 from mailsnap import __version__
 from mailsnap.backends import make_backend
@@ -186,7 +186,8 @@ def _print_reports(reports: list[dict[str, Any]]) -> None:
             kind = "snapshot" if r["point_in_time"] else "live copy (not point-in-time)"
             console.print(f"[green]✓[/] {r['job']}: {r['backup']}  {r['files']} files, "
                           f"{_size(r['bytes'])}, {r['linked']} unchanged (hard-linked), "
-                          f"{kind} via {r['backend']}, {r['seconds']:.1f}s", highlight=False, soft_wrap=True)
+                          f"{kind} via {r['backend']}, {r['seconds']:.1f}s",
+                          highlight=False, soft_wrap=True)
 
 
 def _size(n: int) -> str:

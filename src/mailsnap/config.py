@@ -8,11 +8,11 @@ Errors come back as ``ConfigError`` with one line per bad field, e.g. ``job[0].t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import os
+from pathlib import Path
 import re
 import tomllib
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator

@@ -6,8 +6,8 @@ The exit codes are documented in the README and mapped in exactly one place (``c
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Sequence
+import shlex
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import json
 import logging
-import time
-from dataclasses import dataclass
 from pathlib import Path
+import time
 
 from mailsnap.errors import CommandFailed, MailsnapError
 from mailsnap.runner import Runner

@@ -16,15 +16,15 @@ what may remain, and the next run's sweep (stage 3) removes it.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import socket
-import time
 from collections.abc import Callable, Iterator, Sequence
+import contextlib
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+import logging
+import os
 from pathlib import Path
+import socket
+import time
 from typing import Any
 
 from mailsnap import __version__

@@ -8,14 +8,14 @@ list``), so the printed plan is built from real facts.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 import logging
 import os
 import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import sh
@@ -92,6 +92,7 @@ class Runner:
             "_bg_exc": False,
             "_tty_out": False,
             "_ok_code": list(ok_codes),
+            "_timeout": timeout,
             "_decode_errors": "replace",
         }
         if passthrough:
@@ -100,11 +101,10 @@ class Runner:
             # sh's _env replaces the whole environment; callers pass a complete one.
             kwargs["_env"] = dict(env)
         start = time.monotonic()
-        deadline = None if timeout is None else start + timeout
         process: sh.RunningCommand = command(*args[1:], **kwargs)
         try:
-            _wait(process, deadline, on_wait, poll_interval)
-        except _TimedOut:
+            _wait(process, on_wait, poll_interval)
+        except sh.TimeoutException:
             _stop(process)
             log.error("%s  (timed out after %.0fs)", line, timeout)
             raise CommandFailed(args, None, f"no answer after {timeout:.0f}s", hint=hint) from None
@@ -127,30 +127,23 @@ class Runner:
         return result
 
 
-class _TimedOut(Exception):
-    pass
-
-
 def _wait(
-    process: sh.RunningCommand,
-    deadline: float | None,
-    on_wait: Callable[[], None] | None,
-    poll_interval: float,
+    process: sh.RunningCommand, on_wait: Callable[[], None] | None, poll_interval: float
 ) -> None:
-    """Wait for ``process``, calling ``on_wait`` between polls; raise ``_TimedOut`` at deadline."""
-    while True:
-        step = poll_interval if on_wait is not None else None
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _TimedOut
-            step = remaining if step is None else min(step, remaining)
-        try:
-            process.wait(timeout=step)
-            return
-        except sh.TimeoutException:
-            if on_wait is not None:
+    """Wait for ``process``, calling ``on_wait`` between polls."""
+    if on_wait is not None:
+        while True:
+            try:
+                process.wait(timeout=poll_interval)
+                break
+            except sh.TimeoutException:
+                if not process.is_alive():
+                    raise  # sh's own _timeout fired
                 on_wait()
+    # A blocking wait also joins sh's output threads; a wait(timeout=...) alone does not, and
+    # stdout could still be incomplete.
+    process.wait()
+    process.process.wait()
 
 
 def _text(data: bytes | str | None) -> str:

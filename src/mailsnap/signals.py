@@ -6,11 +6,11 @@ the next run sweeps what it leaves).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator
 from types import FrameType
 
 from mailsnap.errors import Interrupted

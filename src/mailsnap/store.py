@@ -8,18 +8,18 @@ failed run never touches the backups before it. Everything is mode 0700: backups
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import contextlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
 import errno
 import fcntl
 import json
 import logging
 import os
+from pathlib import Path
 import re
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from mailsnap.backends.base import RUN_ID_RE

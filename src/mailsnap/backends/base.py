@@ -13,9 +13,9 @@ carries the ``mailsnap-<job>-`` marker. The pipeline calls these methods under t
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+import re
 from typing import ClassVar, Protocol, runtime_checkable
 
 OWNER_PREFIX = "mailsnap-"

@@ -8,10 +8,10 @@ privately under the job's run directory only while a snapshot is created or dele
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
 

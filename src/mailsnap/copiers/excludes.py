@@ -9,9 +9,9 @@ same files.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+import re
 
 
 @dataclass(frozen=True)

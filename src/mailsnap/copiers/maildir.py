@@ -23,14 +23,14 @@ never a loss), just as in an atomic snapshot taken mid-MOVE.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 import errno
 import logging
 import os
+from pathlib import Path
 import stat
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 from mailsnap.copiers.base import CopyStats

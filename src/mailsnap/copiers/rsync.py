@@ -8,10 +8,10 @@ nightly backup costs only what changed.
 
 from __future__ import annotations
 
-import logging
-import re
 from collections.abc import Callable, Sequence
+import logging
 from pathlib import Path
+import re
 from typing import ClassVar
 
 from mailsnap.copiers.base import CopyStats
