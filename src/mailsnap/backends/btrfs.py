@@ -86,15 +86,19 @@ class BtrfsBackend:
         )
 
     def _nested_subvolumes(self, mounted_at: Path, from_top: PurePosixPath) -> list[str]:
-        out = self._run_ro(["btrfs", "subvolume", "list", str(mounted_at)])
-        nested = []
+        return [str(p) for p in self._subvolumes(mounted_at) if from_top in p.parents]
+
+    def _subvolumes(self, path: Path) -> list[PurePosixPath]:
+        """Every subvolume of the file system, as paths from its top level. ``-a`` because
+        without it btrfs-progs prints paths below the mounted subvolume relative to the mount,
+        and the rest relative to the top level."""
+        out = self._run_ro(["btrfs", "subvolume", "list", "-a", str(path)])
+        found = []
         for line in out.splitlines():
-            if " path " not in line:
-                continue
-            path = PurePosixPath("/") / line.split(" path ", 1)[1]
-            if from_top in path.parents:
-                nested.append(str(path))
-        return nested
+            if " path " in line:
+                rel = line.split(" path ", 1)[1].removeprefix("<FS_TREE>/")
+                found.append(PurePosixPath("/") / rel)
+        return found
 
     def _run_ro(self, argv: list[str]) -> str:
         return self.runner.run(argv, mutates=False).stdout
@@ -116,7 +120,9 @@ class BtrfsBackend:
         finally:
             unmount(self.runner, top)
             if not self.runner.dry_run:
-                with contextlib.suppress(FileNotFoundError):
+                # An empty directory left in our own run_dir is harmless; unmount() above has
+                # already raised if the top level were still mounted.
+                with contextlib.suppress(OSError):
                     top.rmdir()
 
     def create(self, volume: Volume, name: str) -> Snapshot:
@@ -169,20 +175,12 @@ class BtrfsBackend:
 
     def list_owned(self, volume: Volume, job: str) -> list[Snapshot]:
         """Snapshots in ``.mailsnap/`` whose names carry this job's marker (read-only)."""
-        out = self._run_ro(["btrfs", "subvolume", "list", str(volume.source)])
         found = []
-        for line in out.splitlines():
-            if " path " not in line:
-                continue
-            path = PurePosixPath(line.split(" path ", 1)[1])
-            if path.parent == PurePosixPath(SNAPSHOT_DIR) and owned_by(path.name, job):
+        for path in self._subvolumes(volume.source):
+            if path.parent == PurePosixPath("/", SNAPSHOT_DIR) and owned_by(path.name, job):
                 found.append(
-                    Snapshot(
-                        backend=self.name,
-                        name=path.name,
-                        volume=volume,
-                        details={"path": f"/{path}"},
-                    )
+                    Snapshot(backend=self.name, name=path.name, volume=volume,
+                             details={"path": str(path)})
                 )
         return found
 

@@ -24,6 +24,10 @@ def _translate(glob: str) -> str:
     out, i = "", 0
     while i < len(glob):
         c = glob[i]
+        if glob.startswith("**/", i):
+            out += "(?:.*/)?"  # like rsync: "**/" also matches no directory at all
+            i += 3
+            continue
         if glob.startswith("**", i):
             out += ".*"
             i += 2

@@ -1,0 +1,203 @@
+"""The live copier on real files, with Dovecot's renames, moves, deliveries and expunges
+injected at the worst moment: between listing a folder and opening the message."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import os
+from pathlib import Path
+import shutil
+import stat
+
+import pytest
+
+from mailsnap.config import DEFAULT_EXCLUDES
+from mailsnap.copiers import maildir as maildir_module
+from mailsnap.copiers.maildir import MaildirCopier, base_name
+from mailsnap.runner import Runner
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "Maildir"
+
+
+def messages(root: Path) -> dict[str, set[str]]:
+    """folder → base names of its messages (cur/ and new/)."""
+    out: dict[str, set[str]] = {}
+    for dirpath, _dirs, files in os.walk(root):
+        path = Path(dirpath)
+        if path.name in ("cur", "new"):
+            folder = str(path.parent.relative_to(root))
+            out.setdefault(folder, set()).update(base_name(f) for f in files)
+    return out
+
+
+def all_files(root: Path) -> set[str]:
+    return {str(Path(d, f).relative_to(root)) for d, _, fs in os.walk(root) for f in fs}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    src = tmp_path / "Maildir"
+    shutil.copytree(EXAMPLE, src, symlinks=True)
+    return src
+
+
+def copy(src: Path, dest: Path, previous: Path | None = None, **kw: int) -> MaildirCopier:
+    dest.mkdir()
+    copier = MaildirCopier(Runner(), **kw)
+    copier.stats = copier.copy(src, dest, previous=previous, excludes=DEFAULT_EXCLUDES)
+    return copier
+
+
+def expected_files(src: Path) -> set[str]:
+    return {f for f in all_files(src) if "/tmp/" not in f"/{f}" and not f.endswith(".lock")}
+
+
+def test_quiet_store_copies_exactly_minus_tmp_and_locks(store: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "backup"
+    copy(store, dest)
+    assert all_files(dest) == expected_files(store)
+    for tmp in [store / "tmp", store / ".Sent" / "tmp"]:
+        assert (dest / tmp.relative_to(store)).is_dir()
+        assert not any((dest / tmp.relative_to(store)).iterdir())
+    for rel in expected_files(store):
+        a, b = os.stat(store / rel), os.stat(dest / rel)
+        assert (a.st_size, a.st_mtime_ns, stat.S_IMODE(a.st_mode), a.st_uid) == (
+            b.st_size, b.st_mtime_ns, stat.S_IMODE(b.st_mode), b.st_uid)
+        assert (store / rel).read_bytes() == (dest / rel).read_bytes()
+
+
+def _inject(
+    monkeypatch: pytest.MonkeyPatch, target: str, action: Callable[[], None]
+) -> list[str]:
+    """Run ``action`` (Dovecot's change) right before the copier opens a file whose name
+    contains ``target``, once."""
+    real_open = os.open
+    fired: list[str] = []
+
+    def patched(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if target in str(path) and not fired and not flags & os.O_WRONLY:
+            fired.append(str(path))
+            action()
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(maildir_module.os, "open", patched)
+    return fired
+
+
+def test_flag_rename_between_listing_and_open(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = next((store / "cur").glob("*:2,S"))
+    new = old.with_name(base_name(old.name) + ":2,RS")
+    fired = _inject(monkeypatch, old.name, lambda: os.rename(old, new))
+    copy(store, tmp_path / "backup")
+    assert fired
+    assert (tmp_path / "backup" / "cur" / new.name).exists()
+    assert messages(tmp_path / "backup") == messages(store)
+
+
+def test_new_to_cur_between_listing_and_open(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = next((store / "new").iterdir())
+    moved = store / "cur" / (old.name + ":2,")
+    fired = _inject(monkeypatch, old.name, lambda: os.rename(old, moved))
+    copy(store, tmp_path / "backup")
+    assert fired
+    assert (tmp_path / "backup" / "cur" / moved.name).exists()
+    assert messages(tmp_path / "backup") == messages(store)
+
+
+def test_move_into_an_already_copied_folder_is_caught_by_the_rescan(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # INBOX messages are copied after the subfolders (.Archive …), so a message that moves
+    # from INBOX to .Archive at the moment we open it was not there when .Archive was copied.
+    old = next((store / "cur").glob("*:2,FS"))
+    moved = store / ".Archive" / "cur" / old.name
+    fired = _inject(monkeypatch, old.name, lambda: os.rename(old, moved))
+    copier = copy(store, tmp_path / "backup")
+    assert fired
+    assert (tmp_path / "backup" / ".Archive" / "cur" / old.name).exists()
+    assert copier.stats.passes >= 2
+    assert messages(tmp_path / "backup") == messages(store)
+
+
+def test_expunge_during_copy_is_not_an_error(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    victim = next((store / ".Sent" / "cur").iterdir())
+    fired = _inject(monkeypatch, victim.name, victim.unlink)
+    copier = copy(store, tmp_path / "backup")
+    assert fired and copier.stats.vanished == 1
+    assert messages(tmp_path / "backup") == messages(store)
+
+
+def test_delivery_during_copy_is_taken_by_a_later_pass(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = next((store / "cur").iterdir())
+    delivered = store / ".Sent" / "new" / "1732790000.M99P1.mail.example"
+    fired = _inject(monkeypatch, first.name, lambda: delivered.write_text("Subject: late\n\n"))
+    copy(store, tmp_path / "backup")
+    assert fired
+    assert (tmp_path / "backup" / ".Sent" / "new" / delivered.name).exists()
+
+
+def test_second_backup_hard_links_unchanged_messages_by_base_name(
+    store: Path, tmp_path: Path
+) -> None:
+    copy(store, tmp_path / "one")
+    flagged = next((store / "cur").glob("*:2,S"))
+    renamed = flagged.with_name(base_name(flagged.name) + ":2,FS")
+    os.rename(flagged, renamed)  # a flag change since the last backup: same message
+    copier = copy(store, tmp_path / "two", previous=tmp_path / "one")
+    n_messages = sum(len(v) for v in messages(store).values())
+    assert copier.stats.linked == n_messages
+    assert os.stat(tmp_path / "two" / "cur" / renamed.name).st_ino == os.stat(
+        tmp_path / "one" / "cur" / flagged.name).st_ino
+    assert all_files(tmp_path / "two") == expected_files(store)
+
+
+def test_changed_size_is_copied_not_linked(store: Path, tmp_path: Path) -> None:
+    copy(store, tmp_path / "one")
+    victim = next((store / "cur").iterdir())
+    victim.write_text(victim.read_text() + "tampered\n")
+    copy(store, tmp_path / "two", previous=tmp_path / "one")
+    assert os.stat(tmp_path / "two" / "cur" / victim.name).st_ino != os.stat(
+        tmp_path / "one" / "cur" / victim.name).st_ino
+
+
+def test_hard_links_in_the_source_stay_one_file(store: Path, tmp_path: Path) -> None:
+    # Dovecot's COPY hard-links a message into the target folder.
+    original = next((store / "cur").iterdir())
+    os.link(original, store / ".Archive" / "cur" / original.name)
+    copy(store, tmp_path / "backup")
+    a = os.stat(tmp_path / "backup" / "cur" / original.name)
+    b = os.stat(tmp_path / "backup" / ".Archive" / "cur" / original.name)
+    assert a.st_ino == b.st_ino
+
+
+def test_dry_run_writes_nothing_and_counts(store: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "backup"
+    dest.mkdir()
+    stats = MaildirCopier(Runner(dry_run=True)).copy(
+        store, dest, previous=None, excludes=DEFAULT_EXCLUDES)
+    assert not any(dest.iterdir())
+    assert stats.files == len(expected_files(store))
+
+
+def test_max_passes_bounds_a_store_that_never_goes_quiet(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counter = iter(range(10**6))
+    real_listdir = os.listdir
+
+    def busy_listdir(path: object) -> list[str]:
+        if str(path).endswith("/.Sent/new"):
+            (store / ".Sent" / "new" / f"17330000{next(counter):02d}.M1P1.x").write_text("x")
+        return real_listdir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(maildir_module.os, "listdir", busy_listdir)
+    copier = copy(store, tmp_path / "backup", max_passes=4)
+    assert copier.stats.passes == 4

@@ -1,0 +1,159 @@
+"""The pipeline on real files (live backend, real copier): publish, failure, interruption,
+teardown failure, locking, crash sweep, dry run. Failures are injected at the seams."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+import json
+import os
+from pathlib import Path
+import shutil
+import signal
+import stat
+
+import pytest
+
+from mailsnap.backends.live import LiveBackend
+from mailsnap.config import Job, one_off_job
+from mailsnap.copiers.maildir import MaildirCopier
+from mailsnap.errors import (
+    CopyFailed,
+    Interrupted,
+    LockedError,
+    TeardownIncomplete,
+)
+from mailsnap.pipeline import run_backup
+from mailsnap.runner import Runner
+from mailsnap.store import BackupStore
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "Maildir"
+FIXED = datetime(2026, 11, 28, 2, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Job:
+    monkeypatch.setenv("MAILSNAP_RUN_DIR", str(tmp_path / "run"))
+    shutil.copytree(EXAMPLE, tmp_path / "Maildir")
+    return one_off_job(name="mail", source=tmp_path / "Maildir", target=tmp_path / "backups",
+                       backend="live")
+
+
+def published(job: Job) -> list[str]:
+    return [b.run_id for b in BackupStore(job.target / job.name).backups()]
+
+
+def leftovers(job: Job) -> list[str]:
+    root = job.target / job.name
+    return sorted(p.name for p in root.iterdir() if p.name.endswith(".partial"))
+
+
+def test_backup_is_published_private_and_described(job: Job) -> None:
+    report = run_backup(job, Runner(), clock=lambda: FIXED)
+    root = job.target / "mail"
+    backup = root / "20261128T020000Z"
+    assert report.backup == str(backup) and report.status == "ok"
+    assert os.readlink(root / "latest") == "20261128T020000Z"
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(backup).st_mode) == 0o700
+    manifest = json.loads((backup / "mailsnap.json").read_text())
+    assert manifest["point_in_time"] is False and manifest["backend"] == "live"
+    assert manifest["copier"] == "maildir" and manifest["files"] == report.files > 0
+    assert (backup / "mail" / "cur").is_dir()
+    assert not (backup / "mail" / "dovecot-uidlist.lock").exists()
+    assert leftovers(job) == []
+
+
+def test_second_run_gets_its_own_id_and_links_to_the_first(job: Job) -> None:
+    run_backup(job, Runner(), clock=lambda: FIXED)
+    second = run_backup(job, Runner(), clock=lambda: FIXED)
+    assert published(job) == ["20261128T020000Z", "20261128T020000Z.1"]
+    assert second.linked > 0
+    message = next((job.target / "mail" / "20261128T020000Z.1" / "mail" / "cur").iterdir())
+    assert message.stat().st_nlink == 2
+
+
+def test_failed_copy_publishes_nothing_and_keeps_earlier_backups(
+    job: Job, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_backup(job, Runner(), clock=lambda: FIXED)
+    before = sorted(p.name for p in (job.target / "mail" / "20261128T020000Z").rglob("*"))
+
+    def broken(self: MaildirCopier, *args: object, **kwargs: object) -> None:
+        raise CopyFailed("disk full (injected)")
+
+    monkeypatch.setattr(MaildirCopier, "copy", broken)
+    with pytest.raises(CopyFailed):
+        run_backup(job, Runner(), clock=lambda: FIXED)
+    assert published(job) == ["20261128T020000Z"]
+    assert leftovers(job) == []
+    after = sorted(p.name for p in (job.target / "mail" / "20261128T020000Z").rglob("*"))
+    assert after == before
+    assert os.readlink(job.target / "mail" / "latest") == "20261128T020000Z"
+
+
+def test_sigterm_mid_copy_unwinds(job: Job, monkeypatch: pytest.MonkeyPatch) -> None:
+    destroyed: list[str] = []
+    real_copy = MaildirCopier.copy
+    real_destroy = LiveBackend.destroy
+
+    def copy_then_get_killed(self: MaildirCopier, *args: object, **kwargs: object) -> None:
+        real_copy(self, *args, **kwargs)  # type: ignore[arg-type]
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def spy_destroy(self: LiveBackend, snapshot: object) -> None:
+        destroyed.append("destroy")
+        real_destroy(self, snapshot)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MaildirCopier, "copy", copy_then_get_killed)
+    monkeypatch.setattr(LiveBackend, "destroy", spy_destroy)
+    with pytest.raises(Interrupted) as info:
+        run_backup(job, Runner(), clock=lambda: FIXED)
+    assert info.value.exit_code == 130 and info.value.signal_name == "SIGTERM"
+    assert published(job) == [] and leftovers(job) == []
+    assert destroyed == ["destroy"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_failing_undo_step_still_runs_the_others_and_says_so(
+    job: Job, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unmounted: list[str] = []
+
+    def broken_destroy(self: LiveBackend, snapshot: object) -> None:
+        raise OSError("device busy (injected)")
+
+    def spy_unmount(self: LiveBackend, snapshot: object, mountpoint: Path) -> None:
+        unmounted.append(str(mountpoint))
+
+    monkeypatch.setattr(LiveBackend, "destroy", broken_destroy)
+    monkeypatch.setattr(LiveBackend, "unmount", spy_unmount)
+    with pytest.raises(TeardownIncomplete) as info:
+        run_backup(job, Runner(), clock=lambda: FIXED)
+    assert info.value.exit_code == 4
+    assert "device busy (injected)" in str(info.value)
+    assert unmounted  # the undo before it (in reverse order) still ran
+    assert published(job) == ["20261128T020000Z"]  # the copy itself was complete
+
+
+def test_second_run_of_the_same_job_is_refused(job: Job) -> None:
+    store = BackupStore(job.target / job.name)
+    with store.locked(), pytest.raises(LockedError, match="already running") as info:
+        run_backup(job, Runner(), clock=lambda: FIXED)
+    assert info.value.exit_code == 3
+
+
+def test_partial_from_a_crashed_run_is_swept(job: Job) -> None:
+    stale = job.target / "mail" / "20200101T000000Z.partial"
+    (stale / "mail").mkdir(parents=True)
+    foreign = job.target / "mail" / "keep-me.partial"
+    foreign.mkdir()
+    run_backup(job, Runner(), clock=lambda: FIXED)
+    assert not stale.exists()
+    assert foreign.exists()  # not a name mailsnap makes: never touched
+
+
+def test_dry_run_changes_nothing(job: Job) -> None:
+    report = run_backup(job, Runner(dry_run=True), clock=lambda: FIXED)
+    assert report.status == "dry-run" and report.backup is None and report.files > 0
+    assert not job.target.exists()
+    assert not job.work_dir.exists()
