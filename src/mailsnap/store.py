@@ -89,7 +89,8 @@ class BackupStore:
             handle.close()
 
     def _make_private_dirs(self) -> None:
-        for directory in (self.root.parent, self.root):
+        missing = [d for d in (*reversed(self.root.parents), self.root) if not d.exists()]
+        for directory in missing:
             if not directory.exists():
                 try:
                     directory.mkdir(mode=0o700)
