@@ -57,6 +57,7 @@ class View:
     run_id: str
     snapshot: Snapshot
     path: Path  # read from here
+    undo: Callable[[str, Callable[[], None]], None]  # push a later stage's undo on the stack
 
 
 @dataclass
@@ -124,8 +125,8 @@ def consistent_view(
                         stack.enter_context(store.locked())
                 with stage("discover"):
                     volume = backend.discover(job.source)
-                    log.info("discover: %s is on %s (%s)", job.source, volume.device or
-                             "the live tree", backend.name)
+                    log.info("discover: %s: backend %s, %s", job.source, backend.name,
+                             volume.device or "no snapshot (live copy)")
                 with stage("sweep"):
                     sweep_leftovers(job, runner, backend, volume, store)
                 run_id = store.new_run_id(clock())
@@ -141,7 +142,8 @@ def consistent_view(
                     path = backend.mount(snapshot, mountpoint)
                     teardown.push(stack, f"unmount {mountpoint}",
                                   lambda: backend.unmount(snapshot, mountpoint))
-                yield View(job, backend, store, run_id, snapshot, path)
+                yield View(job, backend, store, run_id, snapshot, path,
+                           undo=lambda what, fn: teardown.push(stack, what, fn))
             finally:
                 guard.defer()
     except BaseException as exc:
@@ -199,42 +201,39 @@ def run_backup(job: Job, runner: Runner, *, clock: Clock = utc_now) -> BackupRep
         )
         previous = view.store.latest()
         partial = view.store.begin(view.run_id)
-        # Registered on the view's stack would be neater, but a .partial is the store's, and
-        # discarding it must also happen when the copy is interrupted: hence try/except here.
-        try:
-            with stage(f"copy ({copier.name})"):
-                stats = copier.copy(
-                    view.path,
-                    partial / CONTENT,
-                    previous=previous.content if previous else None,
-                    excludes=job.excludes,
-                    watch=lambda: view.backend.check_healthy(view.snapshot),
-                )
-            with stage("verify snapshot"):
-                view.backend.check_healthy(view.snapshot)
-            manifest = {
-                "job": job.name,
-                "run_id": view.run_id,
-                "source": str(job.source),
-                "backend": view.backend.name,
-                "snapshot": view.snapshot.name,
-                "point_in_time": view.snapshot.point_in_time,
-                "copier": copier.name,
-                "started": started_at.isoformat(),
-                "finished": clock().isoformat(),
-                "files": stats.files,
-                "bytes": stats.bytes,
-                "linked": stats.linked,
-                "passes": stats.passes,
-                "previous": previous.run_id if previous else None,
-                "host": socket.gethostname(),
-                "mailsnap_version": __version__,
-            }
-            with stage("publish"):
-                backup = view.store.publish(partial, manifest)
-        except BaseException:
-            view.store.discard(partial)
-            raise
+        # Unwinds first: an unpublished .partial goes before the snapshot does. After publish
+        # the .partial name no longer exists and this is a no-op.
+        view.undo(f"remove unpublished {partial.name}", lambda: view.store.discard(partial))
+        with stage(f"copy ({copier.name})"):
+            stats = copier.copy(
+                view.path,
+                partial / CONTENT,
+                previous=previous.content if previous else None,
+                excludes=job.excludes,
+                watch=lambda: view.backend.check_healthy(view.snapshot),
+            )
+        with stage("verify snapshot"):
+            view.backend.check_healthy(view.snapshot)
+        manifest = {
+            "job": job.name,
+            "run_id": view.run_id,
+            "source": str(job.source),
+            "backend": view.backend.name,
+            "snapshot": view.snapshot.name,
+            "point_in_time": view.snapshot.point_in_time,
+            "copier": copier.name,
+            "started": started_at.isoformat(),
+            "finished": clock().isoformat(),
+            "files": stats.files,
+            "bytes": stats.bytes,
+            "linked": stats.linked,
+            "passes": stats.passes,
+            "previous": previous.run_id if previous else None,
+            "host": socket.gethostname(),
+            "mailsnap_version": __version__,
+        }
+        with stage("publish"):
+            backup = view.store.publish(partial, manifest)
     if not runner.dry_run:
         log.info("backup %s published (%d files, %d bytes, %d hard-linked)",
                  backup.path, stats.files, stats.bytes, stats.linked)
