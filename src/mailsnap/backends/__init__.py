@@ -6,9 +6,9 @@ Adding a backend: write a class that satisfies ``SnapshotBackend`` (see ``base.p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import logging
 import os
-from collections.abc import Callable
 
 from mailsnap.backends.base import SnapshotBackend
 from mailsnap.backends.btrfs import BtrfsBackend
