@@ -94,3 +94,12 @@ def test_on_wait_error_stops_the_child_and_propagates(tmp_path: Path) -> None:
 def test_environment_is_passed_whole() -> None:
     result = Runner().run(["env"], mutates=False, env={"PATH": os.environ["PATH"], "X": "a b"})
     assert "X=a b" in result.stdout.splitlines()
+
+
+def test_on_wait_poll_racing_the_exit_is_not_a_timeout() -> None:
+    # Commands that end right around a poll boundary must not be mistaken for a timeout.
+    runner = Runner()
+    for delay in ("0.05", "0.1", "0.15", "0.2"):
+        result = runner.run(["sleep", delay], mutates=True, timeout=None,
+                            on_wait=lambda: None, poll_interval=0.05)
+        assert result.exit_code == 0

@@ -106,8 +106,8 @@ class Runner:
             _wait(process, on_wait, poll_interval)
         except sh.TimeoutException:
             _stop(process)
-            log.error("%s  (timed out after %.0fs)", line, timeout)
-            raise CommandFailed(args, None, f"no answer after {timeout:.0f}s", hint=hint) from None
+            log.error("%s  (timed out after %ss)", line, timeout)
+            raise CommandFailed(args, None, f"no answer after {timeout}s", hint=hint) from None
         except sh.ErrorReturnCode as exc:
             duration = time.monotonic() - start
             stderr = _text(exc.stderr)
@@ -138,7 +138,9 @@ def _wait(
                 break
             except sh.TimeoutException:
                 if not process.is_alive():
-                    raise  # sh's own _timeout fired
+                    # It ended just after the poll gave up; if sh's own _timeout killed it, the
+                    # blocking wait below raises that.
+                    break
                 on_wait()
     # A blocking wait also joins sh's output threads; a wait(timeout=...) alone does not, and
     # stdout could still be incomplete.
