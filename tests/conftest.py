@@ -25,6 +25,18 @@ if os.environ.get("MAILSNAP_IN_GUEST") != "1":
     collect_ignore_glob = ["vm/guest/*"]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--livemail-soak", action="store_true", default=False,
+        help="live-mail tests: more messages, longer load, more runs (same as MAILSNAP_SOAK=1)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--livemail-soak", default=False):
+        os.environ["MAILSNAP_SOAK"] = "1"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield

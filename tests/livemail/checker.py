@@ -5,9 +5,12 @@
   existed in some folder all along, so it must be in *some* folder of the backup.
 * **duplicated** – one Maildir base name (the part before ``:2,``) twice in one folder's
   ``cur/`` + ``new/``: Dovecot would index one message twice.
-* **cross-folder duplicates** – one Message-ID in several folders. Reported separately and not an
-  error: a COPY makes them on purpose, and an atomic snapshot can catch a MOVE between its
-  hard-link and its unlink.
+* **cross-folder duplicates** – one Message-ID in several folders although it was never COPYed
+  (copies are left out: they are meant to be there). Reported separately and not an error: an
+  atomic snapshot can catch a MOVE between its hard-link and its unlink.
+* **wrong sizes** – a file whose ``,S=<size>`` in its name differs from its length (a message
+  whose data did not make it into the copy, e.g. caught between rename and write-back).
+* **unidentified** – a message file without a Message-ID (likewise: damaged or empty).
 * **tmp files** – anything inside a ``tmp/`` (half-written deliveries).
 * **lock files** – ``dovecot-uidlist.lock``.
 """
@@ -23,6 +26,7 @@ import re
 
 from tests.livemail.events import EventLog
 
+_SIZE = re.compile(r",S=(\d+)")
 _MESSAGE_ID = re.compile(rb"^message-id:\s*(<[^>\s]+>)", re.IGNORECASE | re.MULTILINE)
 LOCK_NAMES = ("dovecot-uidlist.lock",)
 FLAG_NAMES = {"S": "\\Seen", "R": "\\Answered", "F": "\\Flagged", "T": "\\Deleted",
@@ -35,6 +39,13 @@ class BackupMessage:
     subdir: str  # "cur" or "new"
     name: str  # the file name
     message_id: str | None
+    size: int  # the file's length in bytes
+
+    @property
+    def size_ok(self) -> bool:
+        """False when the name carries ``,S=<n>`` and the file is not ``n`` bytes long."""
+        match = _SIZE.search(self.base)
+        return match is None or int(match.group(1)) == self.size
 
     @property
     def base(self) -> str:
@@ -69,12 +80,13 @@ class CheckResult:
     tmp_files: list[str] = field(default_factory=list)
     lock_files: list[str] = field(default_factory=list)
     unidentified: list[str] = field(default_factory=list)  # message files without Message-ID
+    wrong_size: list[str] = field(default_factory=list)  # length differs from the name's S=
     changes_in_window: int = 0
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.duplicated or self.tmp_files or self.lock_files
-                    or self.unidentified)
+                    or self.unidentified or self.wrong_size)
 
     @property
     def seconds(self) -> float:
@@ -86,7 +98,8 @@ class CheckResult:
             f"{'OK' if self.ok else 'FAIL'}: {self.files} files, {self.required} required, "
             f"missing {len(self.missing)}, duplicated {len(self.duplicated)}, "
             f"cross-folder {len(self.cross_folder_duplicates)}, tmp {len(self.tmp_files)}, "
-            f"locks {len(self.lock_files)}, unidentified {len(self.unidentified)}; "
+            f"locks {len(self.lock_files)}, unidentified {len(self.unidentified)}, "
+            f"wrong size {len(self.wrong_size)}; "
             f"window {self.seconds:.2f}s with {self.changes_in_window} changes ({rate:.0f}/s)"
         )
 
@@ -127,7 +140,8 @@ def scan_backup(root: Path) -> BackupScan:
             for entry in os.scandir(directory):
                 if entry.is_file(follow_symlinks=False):
                     mid = read_message_id(Path(entry.path))
-                    messages.append(BackupMessage(rel, sub, entry.name, mid))
+                    size = entry.stat(follow_symlinks=False).st_size
+                    messages.append(BackupMessage(rel, sub, entry.name, mid, size))
         tmp = folder / "tmp"
         if tmp.is_dir():
             for dirpath, _, filenames in os.walk(tmp):
@@ -144,6 +158,7 @@ def check_backup(backup: Path, log: EventLog, start: float, end: float) -> Check
     present = {m.message_id for m in scan.messages if m.message_id}
     required = log.required(start, end)
     bases = Counter((m.folder, m.base) for m in scan.messages)
+    copied = log.copied()
     folders_of: dict[str, set[str]] = defaultdict(set)
     for m in scan.messages:
         if m.message_id:
@@ -154,10 +169,14 @@ def check_backup(backup: Path, log: EventLog, start: float, end: float) -> Check
         required=len(required),
         missing=sorted(required - present),
         duplicated=sorted(key for key, count in bases.items() if count > 1),
-        cross_folder_duplicates=sorted(mid for mid, f in folders_of.items() if len(f) > 1),
+        cross_folder_duplicates=sorted(
+            mid for mid, f in folders_of.items() if len(f) > 1 and mid not in copied
+        ),
         tmp_files=scan.tmp_files,
         lock_files=scan.lock_files,
         unidentified=sorted(f"{m.folder}/{m.subdir}/{m.name}" for m in scan.messages
                             if not m.message_id),
+        wrong_size=sorted(f"{m.folder}/{m.subdir}/{m.name}" for m in scan.messages
+                          if not m.size_ok),
         changes_in_window=sum(log.changes(start, end).values()),
     )

@@ -52,6 +52,13 @@ class EventLog:
         self.instances: list[Instance] = []
         self.events: list[Event] = []
         self._first: dict[str, int] = {}
+        self._serial = 0
+
+    def new_token(self, kind: str) -> str:
+        """A fresh, unique message token (``<tag>-<kind>-<serial>``) for a new message."""
+        with self._lock:
+            self._serial += 1
+            return f"{self.tag}-{kind}-{self._serial:07d}"
 
     def created(self, message_id: str, kind: str, at: float | None = None, **detail: Any) -> int:
         """Record a new instance of ``message_id`` (confirmed at ``at``); return its id."""
@@ -85,6 +92,11 @@ class EventLog:
 
     def message_id_of(self, instance: int) -> str:
         return self.instances[instance].message_id
+
+    def copied(self) -> set[str]:
+        """Message-IDs that ever had more than one instance (an IMAP COPY was made)."""
+        with self._lock:
+            return {i.message_id for i in self.instances if self._first[i.message_id] != i.id}
 
     # -- queries -----------------------------------------------------------------------------
 

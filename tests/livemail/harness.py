@@ -2,10 +2,13 @@
 
 A benchmark or a test does::
 
-    with LiveMail(workdir, mail_root, users=4) as live:
+    with private_dir() as private, LiveMail(private / "dovecot", private / "mail") as live:
         live.seed(SeedSpec(messages_per_user=2500))
-        report = live.copy_under_load("rsync", lambda: rsync_copy(mail_root, dest))
+        report = live.copy_under_load("rsync", lambda: rsync_copy(live.mail_root, dest))
         print(report.line())
+
+(``workdir`` and ``mail_root`` must be reachable by Dovecot's unprivileged processes: keep them
+below ``private_dir()``, bind-mounting a volume there if needed — see conftest.py.)
 
 Scale comes from ``scale()``: the default keeps CI fast; ``MAILSNAP_SOAK=1`` (or pytest's
 ``--livemail-soak``) runs more messages, longer and more often.
@@ -13,7 +16,7 @@ Scale comes from ``scale()``: the default keeps CI fast; ``MAILSNAP_SOAK=1`` (or
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 import json
 import os
@@ -25,7 +28,13 @@ import time
 from typing import Any
 
 from tests.livemail.checker import BackupMessage, CheckResult, check_backup, scan_backup
-from tests.livemail.dovecot import DovecotInstance, dovecot_skip_reason, user_name
+from tests.livemail.dovecot import (
+    DovecotInstance,
+    bind_mount,
+    dovecot_skip_reason,
+    private_dir,
+    user_name,
+)
 from tests.livemail.events import EventLog
 from tests.livemail.load import LoadGenerator, LoadProfile, MailboxModel
 from tests.livemail.seed import SeedSpec, seed_store
@@ -41,10 +50,12 @@ __all__ = [
     "RunReport",
     "Scale",
     "SeedSpec",
+    "bind_mount",
     "btrfs_snapshot_copy",
     "check_backup",
     "dovecot_skip_reason",
     "mailsnap_backup",
+    "private_dir",
     "rsync_copy",
     "scale",
     "scan_backup",
@@ -57,12 +68,18 @@ RSYNC_OK = (0, 23, 24)  # 23/24: files vanished or changed under rsync; expected
 class Scale:
     users: int
     messages_per_user: int
-    runs: int  # backups per method in the repeated tests
+    runs: int  # mailsnap backups per backend in the repeated tests
+    baseline_runs: int  # plain-rsync copies in the baseline test
     warmup: float  # seconds of load before a copy starts
+    lmtp_workers: int  # parallel LMTP sessions delivering
 
 
-CI_SCALE = Scale(users=4, messages_per_user=2500, runs=3, warmup=1.0)
-SOAK_SCALE = Scale(users=4, messages_per_user=5000, runs=8, warmup=3.0)
+CI_SCALE = Scale(
+    users=4, messages_per_user=2500, runs=3, baseline_runs=1, warmup=1.0, lmtp_workers=1
+)
+SOAK_SCALE = Scale(
+    users=4, messages_per_user=6000, runs=10, baseline_runs=5, warmup=3.0, lmtp_workers=2
+)
 
 
 def soak_requested() -> bool:
@@ -78,6 +95,7 @@ class RunReport:
     """One copy under load: the checker's verdict plus what the load did meanwhile."""
 
     method: str
+    root: Path  # the Maildir tree the copy produced
     result: CheckResult
     changes_per_second: float
     wall: float  # seconds the copy took
@@ -89,7 +107,8 @@ class RunReport:
             f"{self.method}: {r.files} messages, {self.changes_per_second:.0f} changes/s, "
             f"missing {len(r.missing)}, duplicated {len(r.duplicated)}, "
             f"cross-folder {len(r.cross_folder_duplicates)}, tmp {len(r.tmp_files)}, "
-            f"locks {len(r.lock_files)}, wall {self.wall:.2f}s"
+            f"locks {len(r.lock_files)}, damaged {len(set(r.unidentified) | set(r.wrong_size))}, "
+            f"wall {self.wall:.2f}s"
         )
 
 
@@ -159,8 +178,8 @@ class LiveMail:
         if load.errors:
             raise RuntimeError(f"load generator failed: {load.errors}")
         result = check_backup(root, self.log, start, end)
-        return RunReport(method, result, result.changes_in_window / (end - start), end - start,
-                         detail)
+        return RunReport(method, root, result, result.changes_in_window / (end - start),
+                         end - start, detail)
 
 
 # -- copy methods ------------------------------------------------------------------------------
@@ -201,16 +220,22 @@ def btrfs_snapshot_copy(top: Path, subvolume: str, dest: Path) -> tuple[Path, di
 
 
 def mailsnap_backup(
-    source: Path, target: Path, backend: str, run_dir: Path, job: str = "livemail"
+    source: Path,
+    target: Path,
+    backend: str,
+    run_dir: Path,
+    job: str = "livemail",
+    extra: Sequence[str] = (),
 ) -> tuple[Path, dict[str, Any]]:
     """``mailsnap backup … --json`` as a subprocess; returns (backup's ``mail/`` tree, details).
 
-    Details hold the CLI's JSON, the backup's ``mailsnap.json`` and the exit code.
+    ``extra`` are more CLI arguments (e.g. a live-copier option to measure). Details hold the
+    CLI's JSON, the backup's ``mailsnap.json``, the exit code and the end of stderr.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = [
         sys.executable, "-m", "mailsnap", "backup", "--source", str(source),
-        "--target", str(target), "--backend", backend, "--job", job, "--json",
+        "--target", str(target), "--backend", backend, "--job", job, "--json", *extra,
     ]
     env = {**os.environ, "MAILSNAP_RUN_DIR": str(run_dir)}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False,
@@ -223,6 +248,9 @@ def mailsnap_backup(
     out = json.loads(done.stdout)
     if out.get("status") != "ok":
         raise RuntimeError(f"mailsnap reported {out}")
+    # The contract said a top-level "backup"; the CLI reports per job under "jobs".
+    if "backup" not in out and len(out.get("jobs", [])) == 1:
+        out = {**out, "backup": out["jobs"][0]["backup"]}
     backup = Path(out["backup"])
     meta_path = backup / "mailsnap.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}

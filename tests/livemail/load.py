@@ -16,13 +16,14 @@ several generators can run one after another against the same store (e.g. one pe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 import imaplib
 import random
 import re
 import threading
 import time
+from typing import Any
 
 from tests.livemail.dovecot import DovecotInstance
 from tests.livemail.events import EventLog
@@ -31,6 +32,16 @@ from tests.livemail.seed import FOLDERS, build_message, imap_mailbox, message_id
 _FETCH_UID = re.compile(rb"UID (\d+)")
 _HDR_ID = re.compile(rb"X-Mailsnap-Id:\s*(\S+)", re.IGNORECASE)
 FLAGS = ("\\Seen", "\\Flagged", "\\Answered")
+
+
+def uid_set(text: str) -> list[int]:
+    """Expand an IMAP UID set (``3:5,9``) in the order given (ranges may run downwards)."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition(":")
+        a, b = int(lo), int(hi or lo)
+        out.extend(range(a, b + 1) if a <= b else range(a, b - 1, -1))
+    return out
 
 
 @dataclass
@@ -48,22 +59,26 @@ class MailboxModel:
 class LoadProfile:
     """How hard to push. Weights are per IMAP operation; the rest picks a new folder."""
 
-    imap_workers_per_user: int = 1  # kept at 1: one owner per user's UIDs
-    lmtp_workers: int = 1
+    lmtp_workers: int = 1  # IMAP workers: always one per user, the owner of its UIDs
     flag: float = 0.50
     move: float = 0.30
     copy: float = 0.04
     expunge: float = 0.06
     reselect_every: int = 30  # ops before SELECTing another folder
+    batch: int = 3  # flag changes, MOVEs and EXPUNGEs take 1..batch UIDs per command
     delivery_size: tuple[int, int] = (1500, 8000)
     rate_per_worker: float | None = None  # changes/s per thread; None = as fast as it goes
+
+
+MAX_THREADS = 16
 
 
 class LoadGenerator:
     """Run load until ``duration`` seconds passed, ``max_changes`` were made, or ``stop()``.
 
     Use as a context manager; ``wait_until_busy()`` returns once every worker has made changes.
-    ``errors`` holds what a worker died of (a test should assert it is empty).
+    ``errors`` holds what a worker died of (a test should assert it is empty). Only one generator
+    may run at a time on one set of ``models``.
     """
 
     def __init__(
@@ -94,7 +109,6 @@ class LoadGenerator:
         self._changes = 0
         self._busy: set[str] = set()
         self._threads: list[threading.Thread] = []
-        self._delivered = 0
 
     # -- control -----------------------------------------------------------------------------
 
@@ -106,6 +120,9 @@ class LoadGenerator:
         self.stop()
 
     def start(self) -> None:
+        threads = len(self.users) + self.profile.lmtp_workers
+        if threads > MAX_THREADS:
+            raise ValueError(f"{threads} load threads asked for; at most {MAX_THREADS}")
         self.started = time.monotonic()
         self._deadline = self.started + self.duration
         for user in self.users:
@@ -165,9 +182,9 @@ class LoadGenerator:
             if ahead > 0:
                 self._stop.wait(ahead)
 
-    def _guard(self, name: str, target: object, arg: object) -> None:
+    def _guard(self, name: str, target: Callable[[str, Any], None], arg: Any) -> None:
         try:
-            target(name, arg)  # type: ignore[operator]
+            target(name, arg)
         except Exception as exc:  # a dead worker must fail the test, not hang it
             self.errors.append(f"{name}: {type(exc).__name__}: {exc}")
             self._stop.set()
@@ -182,10 +199,7 @@ class LoadGenerator:
         try:
             while not self._done():
                 user = rng.choice(self.users)
-                with self._lock:
-                    self._delivered += 1
-                    serial = self._delivered
-                token = f"{self.log.tag}-d{self.seed}-{n}-{serial:06d}"
+                token = self.log.new_token("d")
                 data = build_message(token, user, rng, rng.randint(lo, hi))
                 refused = conn.sendmail("load@example.test", [user], data)
                 if refused:
@@ -225,8 +239,9 @@ class LoadGenerator:
                     if self._done() or not uids:
                         break
                     kind = rng.choices(kinds, weights)[0]
-                    uid = rng.choice(list(uids))
-                    made = getattr(self, f"_{kind}")(conn, rng, user, model, folder, uid)
+                    size = 1 if kind == "copy" else rng.randint(1, max(1, p.batch))
+                    picked = sorted(rng.sample(list(uids), min(size, len(uids))))
+                    made = getattr(self, f"_{kind}")(conn, rng, user, model, folder, picked)
                     self._count(name, made)
                     done += made
                     self._pace(began, done)
@@ -250,8 +265,8 @@ class LoadGenerator:
         finally:
             conn.untagged_responses.clear()
 
-    def _copyuid(self, conn: imaplib.IMAP4, *args: str) -> int:
-        """Run UID COPY/MOVE of one UID and return the new UID from the COPYUID code."""
+    def _copyuid(self, conn: imaplib.IMAP4, *args: str) -> dict[int, int]:
+        """Run UID COPY/MOVE and return {source UID: new UID} from the COPYUID code."""
         try:
             typ, data = conn.uid(*args)
             if typ != "OK":
@@ -259,7 +274,11 @@ class LoadGenerator:
             codes = conn.untagged_responses.get("COPYUID") or []
             if not codes:
                 raise RuntimeError(f"IMAP UID {' '.join(args)}: no COPYUID ({data!r})")
-            return int(codes[-1].split()[2])
+            mapping: dict[int, int] = {}
+            for code in codes:  # a MOVE may report several (one per chunk)
+                _, source, dest = code.decode().split()
+                mapping.update(zip(uid_set(source), uid_set(dest), strict=True))
+            return mapping
         finally:
             conn.untagged_responses.clear()
 
@@ -293,37 +312,49 @@ class LoadGenerator:
         model.discover_from[folder] = min(unresolved) if unresolved else max(low, highest + 1)
 
     def _flag(self, conn: imaplib.IMAP4, rng: random.Random, user: str, model: MailboxModel,
-              folder: str, uid: int) -> int:
+              folder: str, uids: list[int]) -> int:
         flag = rng.choice(FLAGS)
         sign = "+" if rng.random() < 0.6 else "-"
-        self._command(conn, "UID", "STORE", str(uid), f"{sign}FLAGS.SILENT", f"({flag})")
-        self.log.changed("flag", model.folders[folder][uid], user=user, folder=folder)
-        return 1
+        self._command(conn, "UID", "STORE", ",".join(map(str, uids)), f"{sign}FLAGS.SILENT",
+                      f"({flag})")
+        at = time.monotonic()
+        for uid in uids:
+            self.log.changed("flag", model.folders[folder][uid], at, user=user, folder=folder)
+        return len(uids)
 
     def _move(self, conn: imaplib.IMAP4, rng: random.Random, user: str, model: MailboxModel,
-              folder: str, uid: int) -> int:
+              folder: str, uids: list[int]) -> int:
         dest = rng.choice([f for f in model.folders if f != folder])
-        new_uid = self._copyuid(conn, "MOVE", str(uid), imap_mailbox(dest))
-        inst = model.folders[folder].pop(uid)
-        model.folders[dest][new_uid] = inst
-        self.log.changed("move", inst, user=user, folder=folder, to=dest)
-        return 1
+        mapping = self._copyuid(conn, "MOVE", ",".join(map(str, uids)), imap_mailbox(dest))
+        at = time.monotonic()
+        if sorted(mapping) != uids:
+            raise RuntimeError(f"MOVE {uids} to {dest!r} reported COPYUID for {sorted(mapping)}")
+        for uid, new_uid in mapping.items():
+            inst = model.folders[folder].pop(uid)
+            model.folders[dest][new_uid] = inst
+            self.log.changed("move", inst, at, user=user, folder=folder, to=dest)
+        return len(uids)
 
     def _copy(self, conn: imaplib.IMAP4, rng: random.Random, user: str, model: MailboxModel,
-              folder: str, uid: int) -> int:
+              folder: str, uids: list[int]) -> int:
         dest = rng.choice([f for f in model.folders if f != folder])
-        new_uid = self._copyuid(conn, "COPY", str(uid), imap_mailbox(dest))
-        mid = self.log.message_id_of(model.folders[folder][uid])
-        model.folders[dest][new_uid] = self.log.created(mid, "copy", user=user, folder=dest)
-        return 1
+        mapping = self._copyuid(conn, "COPY", ",".join(map(str, uids)), imap_mailbox(dest))
+        at = time.monotonic()
+        for uid, new_uid in mapping.items():
+            mid = self.log.message_id_of(model.folders[folder][uid])
+            model.folders[dest][new_uid] = self.log.created(mid, "copy", at, user=user,
+                                                            folder=dest)
+        return len(mapping)
 
     def _expunge(self, conn: imaplib.IMAP4, rng: random.Random, user: str,
-                 model: MailboxModel, folder: str, uid: int) -> int:
-        self._command(conn, "UID", "STORE", str(uid), "+FLAGS.SILENT", "(\\Deleted)")
-        inst = model.folders[folder].pop(uid)
-        self.log.destroyed(inst, time.monotonic(), user=user, folder=folder)
-        self._command(conn, "UID", "EXPUNGE", str(uid))
-        return 1
+                 model: MailboxModel, folder: str, uids: list[int]) -> int:
+        uid_list = ",".join(map(str, uids))
+        self._command(conn, "UID", "STORE", uid_list, "+FLAGS.SILENT", "(\\Deleted)")
+        at = time.monotonic()
+        for uid in uids:
+            self.log.destroyed(model.folders[folder].pop(uid), at, user=user, folder=folder)
+        self._command(conn, "UID", "EXPUNGE", uid_list)
+        return len(uids)
 
     # -- reporting ---------------------------------------------------------------------------
 
