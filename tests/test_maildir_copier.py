@@ -201,3 +201,26 @@ def test_max_passes_bounds_a_store_that_never_goes_quiet(
     monkeypatch.setattr(maildir_module.os, "listdir", busy_listdir)
     copier = copy(store, tmp_path / "backup", max_passes=4)
     assert copier.stats.passes == 4
+
+
+def test_move_out_of_an_already_copied_folder_is_kept_once(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # .Archive is copied before INBOX. While INBOX is being copied, Dovecot MOVEs an .Archive
+    # message to INBOX: it hard-links it under a new name, then unlinks the old one. The rescan
+    # finds it in INBOX; the copy taken from .Archive must go, or a restore shows it twice.
+    archived = next((store / ".Archive" / "cur").iterdir())
+    moved = store / "cur" / "1732799999.M77P1.mail.example,S=171:2,S"
+
+    def dovecot_move() -> None:
+        os.link(archived, moved)
+        os.unlink(archived)
+
+    first_inbox = next((store / "cur").iterdir())
+    fired = _inject(monkeypatch, first_inbox.name, dovecot_move)
+    copier = copy(store, tmp_path / "backup")
+    assert fired and copier.stats.moved == 1
+    assert not (tmp_path / "backup" / ".Archive" / "cur" / archived.name).exists()
+    assert (tmp_path / "backup" / "cur" / moved.name).exists()
+    assert messages(tmp_path / "backup") == messages(store)
+    assert copier.stats.files == len(expected_files(store))

@@ -17,7 +17,8 @@ class CopyStats:
     bytes: int = 0
     linked: int = 0
     passes: int = 1
-    vanished: int = 0
+    vanished: int = 0  # live copier: expunged between listing and reading
+    moved: int = 0  # live copier: moved to another folder during the copy (kept once)
 
 
 class Copier(Protocol):

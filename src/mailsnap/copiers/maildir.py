@@ -24,6 +24,7 @@ never a loss), just as in an atomic snapshot taken mid-MOVE.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import contextlib
 from dataclasses import dataclass, field
 import errno
 import logging
@@ -58,6 +59,16 @@ def _is_maildir(path: Path) -> bool:
 
 def _gone(exc: OSError) -> bool:
     return exc.errno in (errno.ENOENT, errno.ENOTDIR)
+
+
+@dataclass(slots=True)
+class _Copied:
+    """A message already in the backup, by its source inode."""
+
+    folder: str
+    base: str
+    dest: Path
+    size: int
 
 
 @dataclass
@@ -114,13 +125,15 @@ class MaildirCopier:
         run.finish_directories()
         log.info(
             "live copy: %d files, %d bytes (%d hard-linked to the previous backup) in %d "
-            "passes, %.2fs; %d vanished before they could be read (expunged)",
+            "passes, %.2fs; %d vanished before they could be read (expunged), %d moved to "
+            "another folder during the copy (kept once, in the new folder)",
             run.stats.files,
             run.stats.bytes,
             run.stats.linked,
             run.stats.passes,
             time.monotonic() - started,
             run.stats.vanished,
+            run.stats.moved,
         )
         return run.stats
 
@@ -146,7 +159,12 @@ class _Run:
         self.folders: dict[str, _Folder] = {}
         self.plain_copied: set[str] = set()
         self.directories: dict[str, os.stat_result] = {}
-        self.inodes: dict[tuple[int, int], Path] = {}  # source inode → first copy (hard links)
+        # Source inode → the message's copy. A MOVE (Dovecot hard-links into the new folder,
+        # then unlinks the old name) keeps the inode, so a message seen again in another folder
+        # with an inode we copied is either a COPY (both names still exist: hard-link them in
+        # the backup too) or a MOVE during the copy (the old name is gone: drop the old copy,
+        # so the backup holds the message once, where it is now).
+        self.by_inode: dict[tuple[int, int], _Copied] = {}
         self.is_root = os.geteuid() == 0
 
     # -- walking ---------------------------------------------------------------------------
@@ -255,12 +273,28 @@ class _Run:
             raise CopyFailed(f"cannot read {self.source / rel}: {exc.strerror}") from None
         try:
             info = os.fstat(fd)
-            linked = self._link_previous(folder, folder_rel, base, rel, info)
-            if not linked:
-                self._write_copy(fd, rel, info)
+            key = (info.st_dev, info.st_ino)
+            earlier = self.by_inode.get(key)
+            if earlier is not None and earlier.folder != folder_rel:
+                if self._list_messages(earlier.folder).get(earlier.base) is None:
+                    self._drop_moved(earlier)
+                    earlier = None
+            if not self._link_previous(folder, folder_rel, base, rel, info):
+                self._write_copy(fd, rel, info, same_as=earlier.dest if earlier else None)
+            self.by_inode[key] = _Copied(folder_rel, base, self.dest / rel, info.st_size)
         finally:
             os.close(fd)
         return True
+
+    def _drop_moved(self, earlier: _Copied) -> None:
+        """The message moved to another folder while we copied: keep only its new place."""
+        log.debug("moved during the copy: %s/%s", earlier.folder or "INBOX", earlier.base)
+        self.stats.files -= 1
+        self.stats.bytes -= earlier.size
+        self.stats.moved += 1
+        if not self.dry_run:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(earlier.dest)
 
     def _link_previous(
         self, folder: _Folder, folder_rel: str, base: str, rel: str, info: os.stat_result
@@ -334,17 +368,22 @@ class _Run:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _write_copy(self, fd: int, rel: str, info: os.stat_result) -> None:
+    def _write_copy(
+        self, fd: int, rel: str, info: os.stat_result, *, same_as: Path | None = None
+    ) -> None:
+        """Copy the open file ``fd`` to ``rel`` in the backup, or hard-link it to ``same_as``
+        (the copy of the same source inode: Dovecot's COPY hard-links messages)."""
         self.stats.files += 1
         self.stats.bytes += info.st_size
         if self.dry_run:
             return
         target = self.dest / rel
-        key = (info.st_dev, info.st_ino)
-        if info.st_nlink > 1 and key in self.inodes:
-            # Dovecot's COPY hard-links a message into the other folder; keep it one file.
-            os.link(self.inodes[key], target)
-            return
+        if same_as is not None:
+            try:
+                os.link(same_as, target)
+                return
+            except FileNotFoundError:
+                pass  # that copy was dropped (moved away); write this one out
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
             out = os.open(target, flags, 0o600)
@@ -359,8 +398,6 @@ class _Run:
             raise CopyFailed(f"cannot write {target}: {exc.strerror}") from None
         finally:
             os.close(out)
-        if info.st_nlink > 1:
-            self.inodes[key] = target
 
     def _own_fd(self, fd: int, info: os.stat_result) -> None:
         if self.is_root:
