@@ -225,3 +225,26 @@ def test_snapshot_exec_is_read_only_and_outside_the_mail_tree(
     assert "write-refused" in text
     live_tree = text.split("write-refused", 1)[1].split()
     assert "Maildir" in live_tree and ".mailsnap" not in live_tree  # no snapshot in the tree
+
+
+@pytest.mark.parametrize(("setting", "code"), [("optimized", 0), ("never", 1)])
+def test_check_warns_when_dovecot_skips_fsync(
+    job: Job, tmp_path: Path, setting: str, code: int
+) -> None:
+    # Dovecot with mail_fsync=never renames a delivery into new/ before its data is on disk; a
+    # snapshot taken then holds an empty message (seen by the live-mail tests).
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "doveconf"
+    fake.write_text(f"#!/bin/sh\n[ \"$*\" = '-h mail_fsync' ] && echo {setting}\n")
+    fake.chmod(0o755)
+    result = subprocess.run(
+        [sys.executable, "-m", "mailsnap", "check", "--source", str(job.source), "--target",
+         str(job.target), "--backend", "btrfs", "--json"],
+        capture_output=True, text=True, check=False,
+        env=dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}"),
+    )
+    assert result.returncode == code, result.stdout + result.stderr
+    rows = {r["check"]: r for r in json.loads(result.stdout)["checks"]}
+    assert rows["dovecot"]["ok"] is (setting != "never")
+    assert f"mail_fsync = {setting}" in rows["dovecot"]["detail"]

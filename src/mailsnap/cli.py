@@ -350,10 +350,28 @@ def _check_job(job: Job, runner: Runner) -> list[dict[str, Any]]:
     missing = [t for t in tools if shutil.which(t) is None]
     add("tools", not missing, "missing: " + ", ".join(missing) if missing else ", ".join(tools)
         or "none needed")
+    if backend.point_in_time:
+        fsync = _dovecot_mail_fsync(runner)
+        if fsync is not None:
+            add("dovecot", fsync != "never",
+                f"mail_fsync = {fsync}" + ("" if fsync != "never" else
+                "; a snapshot can hold delivered messages whose data never reached the disk "
+                "(seen as empty files); set mail_fsync = optimized"))
     root_ok = not backend.needs_root or os.geteuid() == 0
     add("privileges", root_ok, "root" if os.geteuid() == 0 else
         ("not root: fine for live" if root_ok else f"{backend.name} needs root"))
     return rows
+
+
+def _dovecot_mail_fsync(runner: Runner) -> str | None:
+    """Dovecot's mail_fsync setting, or None where Dovecot is not installed here."""
+    if shutil.which("doveconf") is None:
+        return None
+    try:
+        return runner.run(["doveconf", "-h", "mail_fsync"], mutates=False).stdout.strip()
+    except MailsnapError as exc:
+        log.warning("could not read Dovecot's mail_fsync: %s", exc)
+        return None
 
 
 def _children(path: Path) -> list[Path]:
