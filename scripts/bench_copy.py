@@ -12,7 +12,7 @@ btrfs` runs too, on a loop device. --cold drops the page cache before each run (
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 import contextlib
 import json
 import os
@@ -26,6 +26,10 @@ import tempfile
 import time
 
 TOP = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TOP))
+
+from tests.helpers.loopfs import btrfs_volume  # noqa: E402
+
 MAILSNAP = [sys.executable, "-m", "mailsnap"]
 FOLDERS = ("", ".Sent", ".Archive", ".Drafts", ".Junk", ".Lists.debian", ".Caf&AOk-")
 
@@ -64,28 +68,6 @@ def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[float
         err = proc.stderr.read().decode() if proc.stderr else ""
         raise SystemExit(f"{argv[0]} failed: {err[-2000:]}")
     return seconds, usage.ru_maxrss
-
-
-@contextlib.contextmanager
-def btrfs_loop(workdir: Path, size_bytes: int) -> Iterator[Path]:
-    image = workdir / "btrfs.img"
-    subprocess.run(["truncate", "-s", str(max(size_bytes * 3, 1 << 30)), str(image)], check=True)
-    dev = subprocess.run(["losetup", "-f", "--show", str(image)], check=True,
-                         capture_output=True, text=True).stdout.strip()
-    top, mail = workdir / "top", workdir / "mail"
-    top.mkdir()
-    mail.mkdir()
-    try:
-        subprocess.run(["mkfs.btrfs", "-q", dev], check=True)
-        subprocess.run(["mount", dev, str(top)], check=True)
-        subprocess.run(["btrfs", "subvolume", "create", str(top / "mail")], check=True,
-                       capture_output=True)
-        subprocess.run(["mount", "-o", "subvol=mail", dev, str(mail)], check=True)
-        yield mail
-    finally:
-        subprocess.run(["umount", str(mail)], check=False)
-        subprocess.run(["umount", str(top)], check=False)
-        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def main() -> None:
@@ -137,7 +119,8 @@ def main() -> None:
 
         with contextlib.ExitStack() as stack:
             if os.geteuid() == 0 and shutil.which("mkfs.btrfs"):
-                mail = stack.enter_context(btrfs_loop(work, size))
+                volume = stack.enter_context(btrfs_volume(work, size=str(max(size * 3, 1 << 30))))
+                mail = volume.mail
                 subprocess.run(["cp", "-a", f"{store}/.", str(mail)], check=True)
                 snap = out / "btrfs"
                 method("mailsnap backup --backend btrfs (full)",
