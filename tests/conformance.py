@@ -7,15 +7,20 @@ btrfs and live (tests/test_backend_conformance.py); the LVM/ZFS guest runs it fo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 import errno
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from mailsnap.backends import BACKENDS
 from mailsnap.backends.base import Snapshot, SnapshotBackend, snapshot_name
+from mailsnap.config import one_off_job
 from mailsnap.errors import MailsnapError
+from mailsnap.runner import Result, Runner
 
 RUN_ID = "20261128T020000Z"
 
@@ -28,6 +33,38 @@ class ContractCase:
     mountpoint: Path  # an existing empty directory
     dry_run_backend: SnapshotBackend  # the same backend with a dry-run runner
     mutations: list[tuple[str, ...]]  # what dry_run_backend's runner ran that mutates
+
+
+class RecordingRunner(Runner):
+    """A real runner that also notes every mutating command it actually ran."""
+
+    def __init__(self, *, dry_run: bool) -> None:
+        super().__init__(dry_run=dry_run)
+        self.mutations: list[tuple[str, ...]] = []
+
+    def run(self, argv: Sequence[str | os.PathLike[str]], *, mutates: bool,
+            **kwargs: Any) -> Result:
+        result = super().run(argv, mutates=mutates, **kwargs)
+        if mutates and not result.skipped:
+            self.mutations.append(result.argv)
+        return result
+
+
+def make_case(backend: str, source: Path, tmp_path: Path) -> ContractCase:
+    """A case for the registered backend ``backend`` reading ``source`` (job "mail")."""
+    job = one_off_job(name="mail", source=source, target=tmp_path / "backups", backend=backend)
+    job = job.model_copy(update={"run_dir": tmp_path / "run"})
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    dry = RecordingRunner(dry_run=True)
+    return ContractCase(
+        backend=BACKENDS[backend](Runner(), job),
+        source=source,
+        job="mail",
+        mountpoint=mountpoint,
+        dry_run_backend=BACKENDS[backend](dry, job),
+        mutations=dry.mutations,
+    )
 
 
 def _listing(root: Path) -> dict[str, bytes]:

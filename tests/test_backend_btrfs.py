@@ -11,7 +11,7 @@ from mailsnap.backends.base import Snapshot, Volume
 from mailsnap.backends.btrfs import BtrfsBackend
 from mailsnap.config import one_off_job
 from mailsnap.errors import BackendUnsuitable, MailsnapError
-from tests.helpers.fakerunner import FakeRunner
+from tests.helpers.fake_runner import FakeRunner
 
 DATA = Path(__file__).parent / "data" / "btrfs"
 FINDMNT = (DATA / "findmnt-target.json").read_text()
@@ -23,16 +23,12 @@ NO_NESTED = "\n".join(line for line in SUBVOLUMES.splitlines() if "nested" not i
 
 def backend(tmp_path: Path, subvolumes: str = NO_NESTED, dry_run: bool = False,
             source: str = "/tmp/bt/mail/Maildir") -> tuple[BtrfsBackend, FakeRunner]:
-    runner = FakeRunner(
-        {
-            "findmnt --json --nofsroot --target": FINDMNT,
-            "findmnt --json --mountpoint": '{"filesystems": []}',
-            "btrfs inspect-internal rootid": "256\n",
-            "btrfs inspect-internal subvolid-resolve 256": "mail\n",
-            "btrfs subvolume list -a": subvolumes,
-        },
-        dry_run=dry_run,
-    )
+    runner = FakeRunner(dry_run=dry_run)
+    runner.on("findmnt", "--json", "--nofsroot", "--target", stdout=FINDMNT)
+    runner.on("findmnt", "--json", "--mountpoint", stdout='{"filesystems": []}')
+    runner.on("btrfs", "inspect-internal", "rootid", stdout="256\n")
+    runner.on("btrfs", "inspect-internal", "subvolid-resolve", "256", stdout="mail\n")
+    runner.on("btrfs", "subvolume", "list", "-a", stdout=subvolumes)
     job = one_off_job(name="mail", source=Path(source), target=tmp_path / "t", backend="btrfs")
     job = job.model_copy(update={"run_dir": tmp_path / "run"})
     return BtrfsBackend(runner, job), runner
@@ -44,7 +40,7 @@ def test_discover(tmp_path: Path) -> None:
     assert volume.device == "/dev/loop1"
     assert volume.relative == Path("Maildir")
     assert volume.details == {"subvolume": "/mail", "subvolume_id": "256"}
-    assert runner.mutating == []
+    assert runner.ran(mutating=True, executed=True) == []
 
 
 def test_discover_refuses_nested_subvolumes(tmp_path: Path) -> None:
@@ -57,14 +53,14 @@ def test_discover_refuses_other_file_systems(tmp_path: Path) -> None:
     b, runner = backend(tmp_path)
     ext4 = json.loads(FINDMNT)
     ext4["filesystems"][0]["fstype"] = "ext4"
-    runner.answers["findmnt --json --nofsroot --target"] = json.dumps(ext4)
+    runner.on("findmnt", "--json", "--nofsroot", "--target", stdout=json.dumps(ext4))
     with pytest.raises(BackendUnsuitable, match="on ext4, not btrfs"):
         b.discover(Path("/tmp/bt/mail/Maildir"))
 
 
 def test_discover_refuses_the_top_level(tmp_path: Path) -> None:
     b, runner = backend(tmp_path)
-    runner.answers["btrfs inspect-internal rootid"] = "5\n"
+    runner.on("btrfs", "inspect-internal", "rootid", stdout="5\n")
     with pytest.raises(BackendUnsuitable, match="top-level subvolume"):
         b.discover(Path("/tmp/bt/mail/Maildir"))
 
@@ -72,20 +68,19 @@ def test_discover_refuses_the_top_level(tmp_path: Path) -> None:
 def test_create_mount_unmount_destroy_command_lines(tmp_path: Path) -> None:
     b, runner = backend(tmp_path)
     volume = b.discover(Path("/tmp/bt/mail/Maildir"))
-    runner.calls.clear()
     snap = b.create(volume, "mailsnap-mail-20261128T010203Z")
     path = b.mount(snap, tmp_path / "snap")
     top = tmp_path / "run" / "mail" / "top"
     assert path == tmp_path / "snap" / "Maildir"
-    assert [" ".join(c) for c in runner.mutating] == [
+    assert runner.ran(mutating=True, executed=True) == [
         f"mount -t btrfs -o subvolid=5,nosuid,nodev,noexec /dev/loop1 {top}",
         f"btrfs subvolume snapshot -r {top}/mail {top}/.mailsnap/mailsnap-mail-20261128T010203Z",
         "mount -t btrfs -o ro,nosuid,nodev,noexec,"
         f"subvol=/.mailsnap/mailsnap-mail-20261128T010203Z /dev/loop1 {tmp_path}/snap",
     ]
-    runner.mutating.clear()
+    before = runner.ran(mutating=True, executed=True)
     b.unmount(snap, tmp_path / "snap")  # findmnt says nothing is mounted: idempotent
-    assert runner.mutating == []
+    assert runner.ran(mutating=True, executed=True) == before
 
 
 def test_destroy_refuses_foreign_names(tmp_path: Path) -> None:
@@ -93,7 +88,7 @@ def test_destroy_refuses_foreign_names(tmp_path: Path) -> None:
     volume = b.discover(Path("/tmp/bt/mail/Maildir"))
     with pytest.raises(MailsnapError, match="not created by mailsnap"):
         b.destroy(Snapshot("btrfs", "daily-2026-11-28", volume))
-    assert runner.mutating == []
+    assert runner.ran(mutating=True, executed=True) == []
 
 
 def test_list_owned_only_this_jobs_snapshots(tmp_path: Path) -> None:
@@ -112,9 +107,9 @@ def test_dry_run_changes_nothing(tmp_path: Path) -> None:
     snap = b.create(volume, "mailsnap-mail-20261128T010203Z")
     b.mount(snap, tmp_path / "snap")
     b.destroy(snap)
-    assert runner.mutating == []
+    assert runner.ran(mutating=True, executed=True) == []
     assert not (tmp_path / "run").exists()
-    assert any(c[:3] == ("btrfs", "subvolume", "snapshot") for c in runner.calls)
+    assert any(c.argv[:3] == ("btrfs", "subvolume", "snapshot") for c in runner.calls)
 
 
 def test_volume_records_are_plain_data() -> None:

@@ -1,9 +1,12 @@
 """A recording fake ``Runner`` for backend unit tests: scripted answers, exact argv, dry run.
 
-Tests script answers with ``on(prefix…, stdout=…)`` (real captured output from tests/data/) and
+Tests script answers with ``on(prefix…, stdout=…)`` (real captured output from tests/data/vm/) and
 then assert the exact command lines in ``calls``. A read-only command nobody scripted fails the
 test (discovery must be deliberate); a mutating one succeeds silently. Dry run behaves like the
 real runner: mutating commands are recorded as skipped and never answered.
+
+To refresh tests/data/vm/ (e.g. for a newer LVM or ZFS): ``MAILSNAP_VM_OUT=DIR
+scripts/vm/run-tests``, then copy ``DIR/captured/*`` there; the guest tests write them.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from pathlib import Path
 from mailsnap.errors import CommandFailed
 from mailsnap.runner import Result, Runner
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[1] / "data" / "vm"
 
 
 def data(name: str) -> str:
-    """A file of real command output captured in the LVM/ZFS guest (tests/data/)."""
+    """A file of real command output captured in the LVM/ZFS guest (tests/data/vm/)."""
     return (DATA / name).read_text()
 
 

@@ -13,6 +13,8 @@ import os
 from mailsnap.backends.base import SnapshotBackend
 from mailsnap.backends.btrfs import BtrfsBackend
 from mailsnap.backends.live import LiveBackend
+from mailsnap.backends.lvm import LvmBackend, is_logical_volume
+from mailsnap.backends.zfs import ZfsBackend
 from mailsnap.config import AutoJob, BtrfsJob, Job, JobBase
 from mailsnap.mounts import find_mount
 from mailsnap.runner import Runner
@@ -24,6 +26,8 @@ BackendFactory = Callable[[Runner, JobBase], SnapshotBackend]
 BACKENDS: dict[str, BackendFactory] = {
     "btrfs": BtrfsBackend,
     "live": LiveBackend,
+    "lvm": LvmBackend,
+    "zfs": ZfsBackend,
 }
 
 
@@ -41,7 +45,8 @@ def _auto(job: AutoJob, runner: Runner) -> SnapshotBackend:
     """
     if not job.source.is_dir():
         return LiveBackend(runner, job)  # discover() explains what is wrong with the path
-    fstype = find_mount(runner, job.source).fstype
+    mount = find_mount(runner, job.source)
+    fstype = mount.fstype
     if fstype == "btrfs":
         if os.geteuid() == 0:
             log.info("auto: %s is on btrfs; using a read-only btrfs snapshot", job.source)
@@ -49,6 +54,11 @@ def _auto(job: AutoJob, runner: Runner) -> SnapshotBackend:
             return BtrfsBackend(runner, BtrfsJob(backend="btrfs", **fields))
         log.warning("auto: %s is on btrfs, but snapshots need root; using the live copier",
                     job.source)
+    elif os.geteuid() == 0 and (fstype == "zfs" or is_logical_volume(runner, mount.source)):
+        backend = ZfsBackend(runner, job) if fstype == "zfs" else LvmBackend(runner, job)
+        log.info("auto: %s is on %s (%s); using a %s snapshot", job.source, mount.source,
+                 fstype, backend.name)
+        return backend
     else:
         log.info("auto: %s is on %s; no snapshot backend for it, using the live copier",
                  job.source, fstype or "an unknown file system")

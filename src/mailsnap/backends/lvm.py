@@ -27,7 +27,7 @@ import time
 from typing import ClassVar
 
 from mailsnap.backends.base import OWNER_PREFIX, RUN_ID_RE, Snapshot, Volume, owned_by
-from mailsnap.config import JobBase, LvmJob
+from mailsnap.config import JOB_NAME_RE, JobBase, LvmJob
 from mailsnap.errors import (
     BackendUnsuitable,
     CommandFailed,
@@ -52,6 +52,7 @@ REMOVE_DELAY = 1.0
 UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 # File systems whose read-only snapshot mount needs no journal replay (see _mount_options).
 KNOWN_FS = ("xfs", "ext4", "ext3", "ext2")
+JOB_NAME = JOB_NAME_RE.removeprefix("^").removesuffix("$")
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,19 @@ def _human(size: int) -> str:
     return f"{size} B"  # pragma: no cover - the loop always returns
 
 
+def carries_marker(name: str) -> bool:
+    """True when ``name`` ends in ``mailsnap-<job>-<run id>`` for some valid job name: the only
+    names ``destroy`` touches."""
+    return re.search(rf"{re.escape(OWNER_PREFIX)}{JOB_NAME}-{RUN_ID_RE}$", name) is not None
+
+
+def _snapshot_lv(snapshot: Snapshot) -> tuple[str, str]:
+    """(VG, LV name) of a snapshot; ``<origin>_<name>`` when the record does not say."""
+    vg = snapshot.details.get("vg") or snapshot.volume.details["vg"]
+    lv = snapshot.details.get("lv") or f"{snapshot.volume.details['lv']}_{snapshot.name}"
+    return vg, lv
+
+
 def lvm_job(job: JobBase) -> LvmJob:
     """``job`` as an ``LvmJob``; a job of another kind (``auto``) gets the LVM defaults."""
     if isinstance(job, LvmJob):
@@ -193,7 +207,7 @@ class LvmBackend:
         ``mount_options``).
         """
         mount = find_mount(self.runner, source)
-        lv = self._lv_for_device(mount.source)
+        lv = lv_for_device(self.runner, mount.source)
         if lv is None:
             raise BackendUnsuitable(
                 f"{source} is on {mount.source or 'an unknown device'} ({mount.fstype}), which is "
@@ -230,27 +244,8 @@ class LvmBackend:
             },
         )
 
-    def _lv_for_device(self, device: str) -> LogicalVolume | None:
-        """The LV whose device node is ``device`` (findmnt shows ``/dev/mapper/vg-lv``)."""
-        if not device.startswith("/dev/"):
-            return None
-        wanted = os.path.realpath(device)
-        for lv in self._lvs([]):
-            for candidate in (lv.dm_path, lv.path):
-                if candidate and (candidate == device or os.path.realpath(candidate) == wanted):
-                    return lv
-        return None
-
     def _lvs(self, select: list[str]) -> list[LogicalVolume]:
-        """``lvs`` rows for ``select`` (VG or VG/LV names; all LVs when empty). A VG or LV that
-        does not exist yields no rows. Read-only."""
-        result = self.runner.run(
-            ["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-a",
-             "-o", LV_FIELDS, *select],
-            mutates=False,
-            ok_codes=(0, LVM_NOT_FOUND),
-        )
-        return parse_lvs(result.stdout) if result.exit_code == 0 else []
+        return list_lvs(self.runner, select)
 
     def _lv(self, vg: str, lv: str) -> LogicalVolume | None:
         rows = [row for row in self._lvs([vg]) if row.name == lv]
@@ -316,11 +311,13 @@ class LvmBackend:
     def _mount_options(self, fstype: str) -> list[str]:
         """Read-only options for a snapshot of ``fstype``.
 
-        A snapshot of a mounted file system looks like one that crashed: its journal/log is dirty.
-        A plain ``ro`` mount would still replay it (writing to the snapshot, and for a classic
-        snapshot using COW space), so replay is switched off: ext4 ``noload``; XFS
+        ``lvcreate`` suspends the origin for the instant of the snapshot, and the kernel freezes
+        the file system for it, so the snapshot is consistent. It is still a copy of a file
+        system that is mounted: ext4 keeps its ``needs_recovery`` flag set, and a plain ``ro``
+        mount would replay the journal, i.e. write into the snapshot (spending COW space of a
+        classic snapshot). Replay is therefore switched off: ext4 ``noload``, XFS
         ``norecovery``. XFS also needs ``nouuid``: the snapshot carries the origin's UUID, and
-        XFS refuses to mount a second file system with a UUID that is already mounted.
+        XFS refuses to mount a second file system whose UUID is already mounted.
         """
         if self.job.mount_options is not None:
             fs_options = list(self.job.mount_options)
@@ -340,9 +337,17 @@ class LvmBackend:
         """Mount the snapshot LV read-only (see ``_mount_options``) at ``mountpoint``; return the
         source's place inside it. Dry run: prints the mount, returns the path."""
         fstype = snapshot.volume.fstype
-        device = f"/dev/{snapshot.details['vg']}/{snapshot.details['lv']}"
+        vg, lv = _snapshot_lv(snapshot)
+        device = f"/dev/{vg}/{lv}"
         options = ",".join(self._mount_options(fstype))
-        self.runner.run(["mount", "-t", fstype, "-o", options, device, mountpoint], mutates=True)
+        try:
+            self.runner.run(["mount", "-t", fstype, "-o", options, device, mountpoint],
+                            mutates=True)
+        except CommandFailed:
+            # A snapshot that overflowed between lvcreate and mount cannot be mounted; say so
+            # rather than leaving the admin with mount's "wrong fs type, bad superblock".
+            self.check_healthy(snapshot)
+            raise
         return mountpoint / snapshot.volume.relative
 
     def unmount(self, snapshot: Snapshot, mountpoint: Path) -> None:
@@ -360,15 +365,16 @@ class LvmBackend:
 
     def destroy(self, snapshot: Snapshot) -> None:
         """``lvremove -y`` the snapshot LV; already gone is success. Refuses an LV whose name
-        lacks this job's ``mailsnap-<job>-<run id>`` marker. Unmounts it first wherever it is
+        does not end in a ``mailsnap-<job>-<run id>`` marker (sweeps pick only this job's
+        snapshots: see ``list_owned``). Unmounts it first wherever it is
         still mounted (a killed run's mount), retries while the device is in use, and raises
         ``TeardownIncomplete`` naming the LV when it keeps failing. Dry run: prints only.
         """
-        vg, lv = snapshot.details["vg"], snapshot.details["lv"]
-        if not owned_by(lv, self.job.name):
+        vg, lv = _snapshot_lv(snapshot)
+        if not carries_marker(lv):
             raise MailsnapError(
-                f"refusing to remove LV {vg}/{lv}: its name does not carry the marker "
-                f"{OWNER_PREFIX}{self.job.name}-<run id>, so mailsnap did not create it"
+                f"refusing to remove LV {vg}/{lv}: its name does not end in the marker "
+                f"{OWNER_PREFIX}<job>-<run id>, so mailsnap did not create it"
             )
         if self.runner.dry_run:
             self.runner.run(["lvremove", "-y", f"{vg}/{lv}"], mutates=True)
@@ -428,7 +434,7 @@ class LvmBackend:
         for that ``lvextend`` (skipped in dry run)."""
         if self.runner.dry_run:
             return
-        vg, lv_name = snapshot.details["vg"], snapshot.details["lv"]
+        vg, lv_name = _snapshot_lv(snapshot)
         rows = {row.name: row for row in self._lvs([vg])}
         lv = rows.get(lv_name)
         if lv is None:
@@ -471,3 +477,38 @@ class LvmBackend:
                     "%s free in %s)", lv.vg, lv.name, _human(grow), percent,
                     _human(group.free), lv.vg)
         self.runner.run(["lvextend", "--size", f"+{grow}b", f"{lv.vg}/{lv.name}"], mutates=True)
+
+
+
+def list_lvs(runner: Runner, select: list[str]) -> list[LogicalVolume]:
+    """``lvs`` rows for ``select`` (VG or VG/LV names; all LVs when empty). A VG or LV that
+    does not exist yields no rows. Read-only (runs in dry run)."""
+    result = runner.run(
+        ["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-a",
+         "-o", LV_FIELDS, *select],
+        mutates=False,
+        ok_codes=(0, LVM_NOT_FOUND),
+    )
+    return parse_lvs(result.stdout) if result.exit_code == 0 else []
+
+
+def lv_for_device(runner: Runner, device: str) -> LogicalVolume | None:
+    """The LV whose device node is ``device`` (findmnt shows ``/dev/mapper/<vg>-<lv>``), or
+    None. Read-only."""
+    if not device.startswith("/dev/"):
+        return None
+    wanted = os.path.realpath(device)
+    for lv in list_lvs(runner, []):
+        for candidate in (lv.dm_path, lv.path):
+            if candidate and (candidate == device or os.path.realpath(candidate) == wanted):
+                return lv
+    return None
+
+
+def is_logical_volume(runner: Runner, device: str) -> bool:
+    """True when ``device`` (a mount's source) is an LVM logical volume; for ``auto``.
+    Read-only; false when LVM is not installed."""
+    try:
+        return lv_for_device(runner, device) is not None
+    except MailsnapError:
+        return False
