@@ -11,6 +11,7 @@ from mailsnap.config import (
     AutoJob,
     BtrfsJob,
     LiveJob,
+    job_as,
     load_config,
     one_off_job,
     parse_config,
@@ -120,3 +121,11 @@ def test_select_unknown_job() -> None:
 def test_run_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MAILSNAP_RUN_DIR", str(tmp_path))
     assert parse_config({"job": [job()]}).job[0].work_dir == tmp_path / "mail"
+
+
+def test_job_as_keeps_common_keys_and_takes_backend_defaults() -> None:
+    auto = parse_config({"job": [job(backend="auto", exclude=["*.bak"])]}).job[0]
+    btrfs = job_as(BtrfsJob, auto)
+    assert isinstance(btrfs, BtrfsJob) and btrfs.backend == "btrfs"
+    assert (btrfs.name, btrfs.source, btrfs.exclude) == (auto.name, auto.source, auto.exclude)
+    assert job_as(AutoJob, auto) is auto

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 import re
 import tomllib
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -213,6 +213,19 @@ class Config(_Model):
                 return [job]
         names = ", ".join(j.name for j in self.job)
         raise ConfigError(f"--job: no job named {name!r} in the config (jobs: {names})")
+
+
+JobT = TypeVar("JobT", bound=JobBase)
+
+
+def job_as(model: type[JobT], job: JobBase) -> JobT:
+    """``job`` as a job of kind ``model``: the keys every job has are kept, the backend's own
+    keys take their defaults. How ``backend = "auto"`` hands a job to the backend it picked."""
+    if isinstance(job, model):
+        return job
+    (kind,) = get_args(model.model_fields["backend"].annotation)
+    common = job.model_dump(include=set(JobBase.model_fields))
+    return model.model_validate({**common, "backend": kind})
 
 
 def _normal(path: Path) -> Path:

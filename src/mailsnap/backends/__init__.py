@@ -15,7 +15,7 @@ from mailsnap.backends.btrfs import BtrfsBackend
 from mailsnap.backends.live import LiveBackend
 from mailsnap.backends.lvm import LvmBackend, is_logical_volume
 from mailsnap.backends.zfs import ZfsBackend
-from mailsnap.config import AutoJob, BtrfsJob, Job, JobBase
+from mailsnap.config import AutoJob, BtrfsJob, Job, JobBase, job_as
 from mailsnap.mounts import find_mount
 from mailsnap.runner import Runner
 
@@ -50,8 +50,7 @@ def _auto(job: AutoJob, runner: Runner) -> SnapshotBackend:
     if fstype == "btrfs":
         if os.geteuid() == 0:
             log.info("auto: %s is on btrfs; using a read-only btrfs snapshot", job.source)
-            fields = job.model_dump(exclude={"backend", "max_passes"})
-            return BtrfsBackend(runner, BtrfsJob(backend="btrfs", **fields))
+            return BtrfsBackend(runner, job_as(BtrfsJob, job))
         log.warning("auto: %s is on btrfs, but snapshots need root; using the live copier",
                     job.source)
     elif os.geteuid() == 0 and (fstype == "zfs" or is_logical_volume(runner, mount.source)):

@@ -27,7 +27,7 @@ import time
 from typing import ClassVar
 
 from mailsnap.backends.base import OWNER_PREFIX, RUN_ID_RE, Snapshot, Volume, owned_by
-from mailsnap.config import JOB_NAME_RE, JobBase, LvmJob
+from mailsnap.config import JOB_NAME_RE, JobBase, LvmJob, job_as
 from mailsnap.errors import (
     BackendUnsuitable,
     CommandFailed,
@@ -176,14 +176,6 @@ def _snapshot_lv(snapshot: Snapshot) -> tuple[str, str]:
     return vg, lv
 
 
-def lvm_job(job: JobBase) -> LvmJob:
-    """``job`` as an ``LvmJob``; a job of another kind (``auto``) gets the LVM defaults."""
-    if isinstance(job, LvmJob):
-        return job
-    common = job.model_dump(include={"name", "source", "target", "exclude", "run_dir"})
-    return LvmJob(backend="lvm", **common)
-
-
 class LvmBackend:
     name: ClassVar[str] = "lvm"
     point_in_time: ClassVar[bool] = True
@@ -195,7 +187,7 @@ class LvmBackend:
 
     def __init__(self, runner: Runner, job: JobBase) -> None:
         self.runner = runner
-        self.job = lvm_job(job)
+        self.job = job_as(LvmJob, job)
 
     # -- discovery (read-only) -------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 from mailsnap.backends.base import OWNER_PREFIX, Snapshot, Volume, owned_by
 from mailsnap.backends.lvm import carries_marker
-from mailsnap.config import JobBase, ZfsJob
+from mailsnap.config import JobBase, ZfsJob, job_as
 from mailsnap.errors import BackendUnsuitable, CommandFailed, MailsnapError, TeardownIncomplete
 from mailsnap.mounts import SAFE_OPTIONS, find_mount, mounts_under, unmount
 from mailsnap.runner import Runner
@@ -56,14 +56,6 @@ def parse_zfs_list(stdout: str) -> list[Dataset]:
     return rows
 
 
-def zfs_job(job: JobBase) -> ZfsJob:
-    """``job`` as a ``ZfsJob``; a job of another kind (``auto``) gets the ZFS defaults."""
-    if isinstance(job, ZfsJob):
-        return job
-    common = job.model_dump(include={"name", "source", "target", "exclude", "run_dir"})
-    return ZfsJob(backend="zfs", **common)
-
-
 class ZfsBackend:
     name: ClassVar[str] = "zfs"
     point_in_time: ClassVar[bool] = True
@@ -72,7 +64,7 @@ class ZfsBackend:
 
     def __init__(self, runner: Runner, job: JobBase) -> None:
         self.runner = runner
-        self.job = zfs_job(job)
+        self.job = job_as(ZfsJob, job)
 
     # -- discovery (read-only) -------------------------------------------------------------
 
