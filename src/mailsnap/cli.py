@@ -27,13 +27,13 @@ from mailsnap.config import (
     BACKEND_NAMES,
     DEFAULT_CONFIG,
     Job,
+    default_run_dir,
     load_config,
     one_off_job,
 )
 from mailsnap.errors import (
     EXIT_FAILED,
     EXIT_OK,
-    EXIT_USAGE,
     ConfigError,
     Interrupted,
     MailsnapError,
@@ -266,7 +266,6 @@ def snapshot(
         if exec_ and ctx.args:
             raise ConfigError("give the command once: either --exec or after `--`")
         if source is not None:
-            # A snapshot needs no target; the run lock lives in this private directory.
             jobs = [one_off_job(name=job or "mail", source=source,
                                 target=_private_target(), backend=backend or "auto")]
         else:
@@ -283,8 +282,7 @@ def snapshot(
 
 
 def _private_target() -> Path:
-    from mailsnap.config import default_run_dir
-
+    """A one-off ``snapshot`` has no target; its run lock lives in mailsnap's run directory."""
     return default_run_dir() / "snapshot-locks"
 
 
@@ -397,10 +395,5 @@ def _main(
 
 
 def main() -> None:
-    try:
-        app(standalone_mode=True)
-    except SystemExit as exc:
-        # click uses 2 for usage errors already; keep every other code as we set it
-        if exc.code not in (None, 0) and not isinstance(exc.code, int):
-            sys.exit(EXIT_USAGE)
-        raise
+    """Console entry point. click already exits 2 on a usage error, as documented."""
+    app()
