@@ -137,3 +137,8 @@ def test_python_dash_m_entry_point(env: dict[str, Path]) -> None:
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["status"] == "ok"
     assert "auto:" in result.stderr  # auto picked the backend and said why
+
+
+def test_unknown_option_exits_2() -> None:
+    code, _, err = invoke("backup", "--no-such-option")
+    assert code == 2 and "No such option" in err
