@@ -152,7 +152,11 @@ def lv_source(vg: str, tmp_path: Path) -> Iterator[Callable[..., LvSource]]:
         if fstype == "xfs":
             sh("mkfs.xfs", "-q", "-f", device)
         else:
-            sh(f"mkfs.{fstype}", "-q", "-F", device)
+            # No lazy init: ext4lazyinit would otherwise zero inode tables in the background
+            # for minutes after mkfs, writing into the origin and so into the snapshot's COW
+            # space, overflowing small test snapshots at random.
+            sh(f"mkfs.{fstype}", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+               device)
         mountpoint = tmp_path / f"live-{name}"
         mountpoint.mkdir()
         sh("mount", device, mountpoint)
