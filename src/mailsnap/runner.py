@@ -9,12 +9,14 @@ list``), so the printed plan is built from real facts.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+import contextlib
 from dataclasses import dataclass, field
 import logging
 import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -92,7 +94,6 @@ class Runner:
             "_bg_exc": False,
             "_tty_out": False,
             "_ok_code": list(ok_codes),
-            "_timeout": timeout,
             "_decode_errors": "replace",
         }
         if passthrough:
@@ -102,29 +103,44 @@ class Runner:
             kwargs["_env"] = dict(env)
         start = time.monotonic()
         process: sh.RunningCommand = command(*args[1:], **kwargs)
+        # Our own deadline: sh's _timeout polls in 0.1 s steps, which made every short
+        # discovery command cost 0.1 s.
+        expired = threading.Event()
+        deadline = None
+        if timeout is not None:
+            deadline = threading.Timer(timeout, _expire, (process, expired))
+            deadline.daemon = True
+            deadline.start()
         try:
             _wait(process, on_wait, poll_interval)
-        except sh.TimeoutException:
-            _stop(process)
-            log.error("%s  (timed out after %ss)", line, timeout)
-            raise CommandFailed(args, None, f"no answer after {timeout}s", hint=hint) from None
         except sh.ErrorReturnCode as exc:
             duration = time.monotonic() - start
-            stderr = _text(exc.stderr)
+            if expired.is_set():
+                log.error("%s  (timed out after %ss)", line, timeout)
+                raise CommandFailed(args, None, f"no answer after {timeout}s",
+                                    hint=hint) from None
             log.error("%s  (exit %d, %.2fs)", line, exc.exit_code, duration)
-            raise CommandFailed(args, exc.exit_code, stderr, hint=hint) from None
-        except sh.SignalException as exc:
             raise CommandFailed(args, exc.exit_code, _text(exc.stderr), hint=hint) from None
         except BaseException:
             _stop(process)
             log.warning("%s  (stopped: mailsnap was interrupted)", line)
             raise
+        finally:
+            if deadline is not None:
+                deadline.cancel()
         duration = time.monotonic() - start
         exit_code = int(process.exit_code or 0)
         log.info("%s  (%.2fs)", line, duration)
         result = Result(args, _text(process.stdout), _text(process.stderr), exit_code, duration)
         self.history.append(result)
         return result
+
+
+def _expire(process: sh.RunningCommand, expired: threading.Event) -> None:
+    """The deadline passed: kill the command (its wait then raises)."""
+    expired.set()
+    with contextlib.suppress(ProcessLookupError):
+        process.process.signal(signal.SIGKILL)
 
 
 def _wait(
@@ -138,9 +154,7 @@ def _wait(
                 break
             except sh.TimeoutException:
                 if not process.is_alive():
-                    # It ended just after the poll gave up; if sh's own _timeout killed it, the
-                    # blocking wait below raises that.
-                    break
+                    break  # it ended just after the poll gave up
                 on_wait()
     # A blocking wait also joins sh's output threads; a wait(timeout=...) alone does not, and
     # stdout could still be incomplete.
