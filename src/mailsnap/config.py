@@ -298,6 +298,3 @@ def one_off_job(
     }
     return parse_config({"job": [data]}, origin="flags").job[0]
 
-
-def is_valid_job_name(name: str) -> bool:
-    return re.match(JOB_NAME_RE, name) is not None
