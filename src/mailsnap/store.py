@@ -91,16 +91,15 @@ class BackupStore:
     def _make_private_dirs(self) -> None:
         missing = [d for d in (*reversed(self.root.parents), self.root) if not d.exists()]
         for directory in missing:
-            if not directory.exists():
-                try:
-                    directory.mkdir(mode=0o700)
-                except FileExistsError:
-                    pass
-                except OSError as exc:
-                    raise MailsnapError(
-                        f"target {directory}: cannot create it ({exc.strerror}); "
-                        "create it or fix the permissions of its parent"
-                    ) from None
+            try:
+                directory.mkdir(mode=0o700)
+            except FileExistsError:
+                pass  # made meanwhile by someone else: fine
+            except OSError as exc:
+                raise MailsnapError(
+                    f"target {directory}: cannot create it ({exc.strerror}); "
+                    "create it or fix the permissions of its parent"
+                ) from None
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise MailsnapError(f"target {self.root}: not writable; run as root or fix its owner")
         # The job directory is ours: keep it private even if it was created by hand.

@@ -69,7 +69,7 @@ class BtrfsBackend:
                 "would have to be stored inside it. Move the mail into its own subvolume "
                 "(btrfs subvolume create) or use backend = \"live\""
             )
-        nested = self._nested_subvolumes(mount.target, from_top)
+        nested = [str(p) for p in self._subvolumes(mount.target) if from_top in p.parents]
         if nested:
             raise BackendUnsuitable(
                 f"{source} contains other btrfs subvolumes ({', '.join(nested[:3])}); a snapshot "
@@ -84,9 +84,6 @@ class BtrfsBackend:
             fstype=mount.fstype,
             details={"subvolume": str(subvol), "subvolume_id": rootid},
         )
-
-    def _nested_subvolumes(self, mounted_at: Path, from_top: PurePosixPath) -> list[str]:
-        return [str(p) for p in self._subvolumes(mounted_at) if from_top in p.parents]
 
     def _subvolumes(self, path: Path) -> list[PurePosixPath]:
         """Every subvolume of the file system, as paths from its top level. ``-a`` because
