@@ -1,4 +1,8 @@
-"""The live copier's exclude matcher must skip exactly what rsync skips for the same patterns."""
+"""The live copier's exclude matcher must skip exactly what rsync skips for the same patterns.
+
+A Maildir's tmp/ content is not a pattern (see mailsnap.maildirs): the defaults hold only
+Dovecot's lock files, and the last tests check that patterns and the Maildir rule together give
+the same copy through rsync, the live copier and the survey."""
 
 from __future__ import annotations
 
@@ -10,6 +14,10 @@ import pytest
 
 from mailsnap.config import DEFAULT_EXCLUDES
 from mailsnap.copiers.excludes import ExcludeMatcher
+from mailsnap.copiers.maildir import MaildirCopier
+from mailsnap.copiers.rsync import RsyncCopier
+from mailsnap.maildirs import survey
+from mailsnap.runner import Runner
 
 TREE = [
     "cur/1.M1:2,S", "new/2.M2", "tmp/3.M3", "dovecot-uidlist", "dovecot-uidlist.lock",
@@ -54,13 +62,43 @@ def test_same_files_as_rsync(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("path", "is_dir", "excluded"),
     [
-        ("tmp/1.M1", False, True),
-        (".Sent/tmp/1.M1", False, True),
-        ("tmp", True, False),  # the directory stays: a Maildir needs it
-        (".tmp", True, False),  # a user's folder called "tmp"
+        # tmp/ content is not a pattern's business: only a Maildir's tmp/ is left out, by the
+        # Maildir rule, and "tmp/*" also matched a user or a folder called "tmp" (issue #7).
+        ("tmp/1.M1", False, False),
+        (".Sent/tmp/1.M1", False, False),
+        ("example.com/tmp/Maildir/cur/1.M1:2,S", False, False),
+        ("Projects/tmp/cur/1.M1:2,S", False, False),
+        ("tmp", True, False),
+        (".tmp", True, False),
         ("dovecot-uidlist.lock", False, True),
+        (".Sent/dovecot-keywords.lock", False, True),
         ("dovecot-uidlist", False, False),
     ],
 )
 def test_defaults(path: str, is_dir: bool, excluded: bool) -> None:
     assert ExcludeMatcher(DEFAULT_EXCLUDES).excluded(path, is_dir=is_dir) is excluded
+
+
+def test_defaults_hold_no_tmp_pattern() -> None:
+    assert not [p for p in DEFAULT_EXCLUDES if "tmp" in p]
+
+
+@pytest.mark.usefixtures("need_rsync")
+def test_patterns_and_the_maildir_rule_agree_in_every_copier(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for rel in TREE:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(rel)
+    # The top is the one Maildir in TREE (cur/ and new/); .Sent has no new/, so its tmp/ is
+    # ordinary content.
+    expected = {f for f in _filtered(src, ExcludeMatcher(PATTERNS)) if not f.startswith("tmp/")}
+    copied = {}
+    for copier in (RsyncCopier(Runner()), MaildirCopier(Runner())):
+        dest = tmp_path / copier.name
+        dest.mkdir()
+        stats = copier.copy(src, dest, previous=None, excludes=PATTERNS)
+        copied[copier.name] = _files(dest)
+        assert stats.files == len(expected), copier.name
+    assert copied["rsync"] == copied["maildir"] == expected
+    assert ".Sent/tmp/5.M5" in expected and "tmp/3.M3" not in expected
+    assert survey(src, PATTERNS).files == len(expected)

@@ -4,6 +4,7 @@ injected at the worst moment: between listing a folder and opening the message."
 from __future__ import annotations
 
 from collections.abc import Callable
+import logging
 import os
 from pathlib import Path
 import shutil
@@ -49,6 +50,8 @@ def copy(src: Path, dest: Path, previous: Path | None = None, **kw: int) -> Mail
 
 
 def expected_files(src: Path) -> set[str]:
+    """The example store's files minus its Maildirs' tmp/ content (every tmp/ in it belongs to
+    a Maildir) and Dovecot's lock files."""
     return {f for f in all_files(src) if "/tmp/" not in f"/{f}" and not f.endswith(".lock")}
 
 
@@ -224,3 +227,87 @@ def test_move_out_of_an_already_copied_folder_is_kept_once(
     assert (tmp_path / "backup" / "cur" / moved.name).exists()
     assert messages(tmp_path / "backup") == messages(store)
     assert copier.stats.files == len(expected_files(store))
+
+
+def _maildir(path: Path, label: str) -> None:
+    for sub in ("cur", "new", "tmp"):
+        (path / sub).mkdir(parents=True)
+    (path / "cur" / f"1.M1P1.{label},S=1:2,S").write_text(label)
+    (path / "tmp" / "2.M2P1.half").write_text("half-written")
+
+
+def test_tmp_new_and_cur_that_are_not_a_maildirs_are_copied(tmp_path: Path) -> None:
+    # Issue #7: a user called "tmp" lost the whole mailbox; a LAYOUT=fs folder "Projects/tmp"
+    # and a domain with users called "cur" and "new" are ordinary directories too.
+    src = tmp_path / "S"
+    for user in ("alice", "tmp", "cur", "new"):
+        _maildir(src / "example.com" / user / "Maildir", user)
+    _maildir(src / "example.com" / "alice" / "Maildir" / "Projects" / "tmp", "projects-tmp")
+    (src / "example.com" / "alice" / "tmp").mkdir()
+    (src / "example.com" / "alice" / "tmp" / "draft.txt").write_text("a home's own tmp/")
+    copy(src, tmp_path / "backup")
+    got = all_files(tmp_path / "backup")
+    assert got == {f for f in all_files(src) if not f.endswith("/tmp/2.M2P1.half")}
+    assert "example.com/tmp/Maildir/cur/1.M1P1.tmp,S=1:2,S" in got
+    assert "example.com/alice/Maildir/Projects/tmp/cur/1.M1P1.projects-tmp,S=1:2,S" in got
+    assert "example.com/alice/tmp/draft.txt" in got
+    homes = [f"example.com/{user}/Maildir" for user in ("alice", "tmp", "cur", "new")]
+    for home in [*homes, "example.com/alice/Maildir/Projects/tmp"]:
+        tmp = tmp_path / "backup" / home / "tmp"
+        assert tmp.is_dir() and not any(tmp.iterdir()), home
+
+
+def _vanish_every_message(monkeypatch: pytest.MonkeyPatch, store: Path, limit: int) -> None:
+    """Unlink up to ``limit`` messages right before the copier opens them (as if the volume
+    went away under it)."""
+    real_open = os.open
+    gone: list[str] = []
+
+    def patched(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        name = str(path)
+        if (not flags & os.O_WRONLY and "/cur/" in name and len(gone) < limit
+                and os.path.exists(name)):
+            gone.append(name)
+            os.unlink(name)
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(maildir_module.os, "open", patched)
+
+
+def test_many_vanished_messages_are_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = tmp_path / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (src / sub).mkdir(parents=True)
+    for n in range(40):
+        (src / "cur" / f"{n}.M{n}P1.h,S=1:2,S").write_text("x")
+    _vanish_every_message(monkeypatch, src, limit=30)
+    with caplog.at_level(logging.INFO, logger="mailsnap.copiers.maildir"):
+        copier = copy(src, tmp_path / "backup")
+    assert copier.stats.vanished == 30 and copier.stats.files == 10
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "not normal expunging" in warnings[0].getMessage()
+    assert "unmounted" in warnings[0].getMessage()
+
+
+def test_a_few_vanished_messages_are_info(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _vanish_every_message(monkeypatch, store, limit=1)
+    with caplog.at_level(logging.INFO, logger="mailsnap.copiers.maildir"):
+        copier = copy(store, tmp_path / "backup")
+    assert copier.stats.vanished == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("1 vanished before they could be read (expunged)" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("vanished", "files", "abnormal"),
+    [(0, 0, False), (20, 0, False), (21, 0, True), (21, 210, False), (21, 209, True),
+     (500, 100_000, False), (10_001, 100_000, True)],
+)
+def test_vanished_threshold(vanished: int, files: int, abnormal: bool) -> None:
+    assert maildir_module.vanished_is_abnormal(vanished, files) is abnormal

@@ -21,8 +21,11 @@ from mailsnap.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/mailsnap.toml")
 JOB_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-# Dovecot's temporary files and lock files: half-written or meaningless in a backup.
-DEFAULT_EXCLUDES = ("tmp/*", "dovecot-uidlist.lock", "dovecot-keywords.lock")
+# Dovecot's lock files: meaningless in a backup and harmful in a restore. A Maildir's tmp/
+# content (half-written deliveries) is not a pattern here: every copier leaves it out by the
+# Maildir rule in ``mailsnap.maildirs`` (only the tmp/ beside cur/ and new/), because a pattern
+# like "tmp/*" also drops a user or a folder that happens to be called "tmp".
+DEFAULT_EXCLUDES = ("dovecot-uidlist.lock", "dovecot-keywords.lock")
 
 
 def default_run_dir() -> Path:
@@ -44,7 +47,6 @@ class JobBase(_Model):
     """Keys every job has, whatever its backend."""
 
     name: str = Field(
-        pattern=JOB_NAME_RE,
         description="Job name: letters, digits, '.', '_', '-'. Part of every snapshot, mount "
         "and backup directory this job creates.",
     )
@@ -53,13 +55,33 @@ class JobBase(_Model):
     exclude: tuple[str, ...] = Field(
         default=(),
         description="Extra rsync-style exclude patterns, added to the built-in ones "
-        "(tmp/ contents and Dovecot lock files).",
+        "(Dovecot's lock files); each Maildir's tmp/ content is always left out.",
     )
     run_dir: Path | None = Field(
         default=None,
         description="Directory for mailsnap's private mount points and work files "
         "(default /run/mailsnap as root).",
     )
+    min_keep_percent: int = Field(
+        default=50,
+        ge=0,
+        le=100,
+        description="Shrink guard: a backup holding fewer than this percentage of the previous "
+        "backup's messages is not published (an unmounted volume or a mass expunge must not "
+        "rotate the good history away); `backup --allow-shrink` publishes it anyway. 0 turns "
+        "the guard off.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _job_name(cls, value: str) -> str:
+        if not re.fullmatch(JOB_NAME_RE, value):
+            raise ValueError(
+                f"{value!r} is not a valid job name: use 1-64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit (it is part of every snapshot, mount and "
+                "backup name)"
+            )
+        return value
 
     @field_validator("source", "target", "run_dir")
     @classmethod
@@ -280,6 +302,14 @@ def load_config(path: Path) -> Config:
         ) from None
     except PermissionError:
         raise ConfigError(f"{path}: cannot read it; run as root or fix its permissions") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; pass the config file itself") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 (TOML requires it)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse_config(data, origin=str(path))

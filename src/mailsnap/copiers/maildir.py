@@ -15,8 +15,12 @@ What this copier does instead:
   found under its new name; once open, renames no longer matter (we read the open file).
 - The whole tree is re-scanned until ``quiet_passes`` passes in a row find nothing new, so a
   message moved into a folder that was already copied is still caught.
-- ``tmp/`` content (half-delivered files) and lock files are never copied; ``tmp/`` itself is
-  created empty so each folder stays a valid Maildir.
+- The content of a Maildir's ``tmp/`` (half-delivered files) is never copied; ``tmp/`` itself is
+  created empty so each folder stays a valid Maildir. What is a Maildir is decided by
+  ``mailsnap.maildirs.is_maildir``, the rule every copier shares: a ``tmp``, ``new`` or ``cur``
+  directory that is not part of a Maildir (a user called ``tmp``, a LAYOUT=fs folder
+  ``Projects/tmp``) is ordinary content, walked and copied in full. Lock files are left out by
+  the default excludes.
 A message moved between folders during the copy can appear in both (a duplicate by Message-ID,
 never a loss), just as in an atomic snapshot taken mid-MOVE.
 """
@@ -34,6 +38,9 @@ import stat
 import time
 from typing import ClassVar
 
+# The module, not its names: mailsnap.maildirs imports mailsnap.copiers.excludes, so importing
+# it first runs this package's __init__, which imports this module before maildirs has finished.
+from mailsnap import maildirs
 from mailsnap.copiers.base import CopyStats
 from mailsnap.copiers.excludes import ExcludeMatcher
 from mailsnap.errors import CopyFailed
@@ -46,15 +53,14 @@ INFO_SEPARATOR = ":"  # Maildir's "NAME:2,FLAGS"; Dovecot's maildir_info_separat
 RELIST_ATTEMPTS = 5
 WATCH_INTERVAL = 5.0
 CHUNK = 1 << 20
+# Above both, the "vanished" count is a warning, not an INFO line (see vanished_is_abnormal).
+VANISHED_WARN_MIN = 20
+VANISHED_WARN_SHARE = 0.10
 
 
 def base_name(filename: str) -> str:
     """``1700000000.M1P2.host,S=123:2,RS`` → ``1700000000.M1P2.host,S=123``."""
     return filename.split(INFO_SEPARATOR, 1)[0]
-
-
-def _is_maildir(path: Path) -> bool:
-    return (path / "cur").is_dir() and (path / "new").is_dir()
 
 
 def _gone(exc: OSError) -> bool:
@@ -123,9 +129,10 @@ class MaildirCopier:
                 new,
             )
         run.finish_directories()
+        abnormal = vanished_is_abnormal(run.stats.vanished, run.stats.files)
         log.info(
             "live copy: %d files, %d bytes (%d hard-linked to the previous backup) in %d "
-            "passes, %.2fs; %d vanished before they could be read (expunged), %d moved to "
+            "passes, %.2fs; %d vanished before they could be read (%s), %d moved to "
             "another folder during the copy (kept once, in the new folder)",
             run.stats.files,
             run.stats.bytes,
@@ -133,9 +140,24 @@ class MaildirCopier:
             run.stats.passes,
             time.monotonic() - started,
             run.stats.vanished,
+            "far too many, see the warning" if abnormal else "expunged",
             run.stats.moved,
         )
+        if abnormal:
+            log.warning(
+                "live copy: %d messages vanished between listing and reading, against %d "
+                "files copied; that many is not normal expunging: was the source unmounted, "
+                "moved or replaced during the copy? Check the source before trusting this backup",
+                run.stats.vanished,
+                run.stats.files,
+            )
         return run.stats
+
+
+def vanished_is_abnormal(vanished: int, files: int) -> bool:
+    """Users expunge a few messages during any copy; a large share vanishing means the tree
+    itself went away under us (an unmount, a rename of the mail root), not users at work."""
+    return vanished > VANISHED_WARN_MIN and vanished > files * VANISHED_WARN_SHARE
 
 
 class _Run:
@@ -185,7 +207,7 @@ class _Run:
                 return  # a folder deleted or renamed by the user; its new name is found later
             raise CopyFailed(f"cannot read {path}: {exc.strerror}") from None
         self._make_dir(rel, info)
-        maildir = _is_maildir(path)
+        maildir = maildirs.is_maildir(path)
         for entry in entries:
             child = f"{rel}/{entry.name}" if rel else entry.name
             try:

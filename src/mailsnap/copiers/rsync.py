@@ -4,16 +4,29 @@
 between folders), ACLs and xattrs, with numeric ids so a restore on another host keeps the vmail
 owner. ``--link-dest`` to the previous backup turns every unchanged message into a hard link, so a
 nightly backup costs only what changed.
+
+A Maildir's ``tmp/`` content (half-written deliveries) is left out by the Maildir rule in
+``mailsnap.maildirs``, which no rsync pattern can express ("tmp/ beside cur/ and new/"; the old
+``tmp/*`` also dropped a whole user called ``tmp``). So the frozen tree is surveyed first, and
+rsync gets one anchored rule per Maildir, ``/<path>/tmp/*``, through a private
+``--exclude-from`` file read with ``--from0`` (NUL-terminated: any byte but NUL may be in a
+folder name, a newline included). The user's and the default patterns stay on the command line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+import contextlib
 import logging
+import os
 from pathlib import Path
 import re
+import tempfile
 from typing import ClassVar
 
+# The module, not its names: mailsnap.maildirs imports mailsnap.copiers.excludes, so importing
+# it first runs this package's __init__, which imports this module before maildirs has finished.
+from mailsnap import maildirs
 from mailsnap.copiers.base import CopyStats
 from mailsnap.errors import CommandFailed, CopyFailed
 from mailsnap.runner import Runner
@@ -29,6 +42,41 @@ EXIT_HINTS = {
 }
 
 
+# rsync's wildcard characters. A backslash escapes them only in a pattern that has a wildcard;
+# a tmp rule always ends in "*", so escaping is always honoured.
+_WILDCARDS = re.compile(r"([*?\[\\])")
+
+
+def tmp_rule(maildir: str) -> str:
+    """The rsync exclude rule for the content of ``maildir``'s ``tmp/`` (relative, "/"
+    separators, "" for the root): ``/<maildir>/tmp/*``, anchored at the top of the copy, with
+    rsync's wildcard characters in the path escaped so a folder named ``a*b`` or ``[x]`` is
+    matched literally."""
+    prefix = "/" + _WILDCARDS.sub(r"\\\1", maildir) if maildir else ""
+    return f"{prefix}/{maildirs.TMP_DIR}/*"
+
+
+@contextlib.contextmanager
+def _rules_file(rules: Sequence[str]) -> Iterator[Path]:
+    """A private NUL-separated rules file for ``--exclude-from``, removed afterwards.
+
+    In the system temp directory: not in the source (a read-only snapshot), not in the backup
+    (it would be published with it), and not in TARGET/<job>/ (the store owns every name there
+    and sweeps what it does not know). ``mkstemp`` creates it 0600: it lists every folder name.
+    Not used in dry run (``copy`` writes no rules file then).
+    """
+    fd, name = tempfile.mkstemp(prefix="mailsnap-rsync-", suffix=".exclude")
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for rule in rules:
+                # fsencode gives back the original bytes of a non-UTF-8 name.
+                handle.write(os.fsencode(rule) + b"\0")
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
 class RsyncCopier:
     name: ClassVar[str] = "rsync"
 
@@ -36,15 +84,37 @@ class RsyncCopier:
         self.runner = runner
 
     def argv(
-        self, source: Path, dest: Path, previous: Path | None, excludes: Sequence[str]
+        self,
+        source: Path,
+        dest: Path,
+        previous: Path | None,
+        excludes: Sequence[str],
+        exclude_from: Path | None = None,
     ) -> list[str]:
+        """The rsync command. ``exclude_from``: a NUL-separated rules file (the Maildir
+        ``tmp/`` rules), read with ``--from0``."""
         argv = ["rsync", "-aHAX", "--numeric-ids", "--stats"]
         if previous is not None:
             argv.append(f"--link-dest={previous}")
+        if exclude_from is not None:
+            argv += ["--from0", f"--exclude-from={exclude_from}"]
         argv += [f"--exclude={pattern}" for pattern in excludes]
         # Trailing slashes: copy the *contents* of source into dest.
         argv += [f"{source}/", f"{dest}/"]
         return argv
+
+    def tmp_rules(self, source: Path, excludes: Sequence[str]) -> list[str]:
+        """One rule per Maildir in ``source``, from a read-only survey of the frozen tree.
+
+        Dry run: a snapshot is not mounted, so its mount point may be missing or empty; then
+        there is nothing to survey and no rule (rsync does not run anyway).
+        """
+        if self.runner.dry_run and not source.is_dir():
+            log.info("[dry-run] %s is not mounted: Maildir tmp/ rules not computed", source)
+            return []
+        found = maildirs.survey(source, excludes).maildirs
+        log.info("leaving out the tmp/ content of %d Maildirs", len(found))
+        return [tmp_rule(rel) for rel in found]
 
     def copy(
         self,
@@ -55,13 +125,24 @@ class RsyncCopier:
         excludes: Sequence[str],
         watch: Callable[[], None] | None = None,
     ) -> CopyStats:
-        """Run rsync; dry run prints the command and copies nothing."""
-        argv = self.argv(source, dest, previous, excludes)
-        try:
-            result = self.runner.run(argv, mutates=True, timeout=None, on_wait=watch)
-        except CommandFailed as exc:
-            hint = EXIT_HINTS.get(exc.exit_code_of_command or 0, "")
-            raise CopyFailed(f"copy failed: {exc}" + (f" ({hint})" if hint else "")) from None
+        """Survey the frozen source for its Maildirs, then run rsync.
+
+        Dry run: the survey runs (read-only) where the source is there, no rules file is
+        written, and the rsync command is printed, not run.
+        """
+        rules = self.tmp_rules(source, excludes)
+        with contextlib.ExitStack() as stack:
+            rules_path = None
+            if rules and not self.runner.dry_run:
+                rules_path = stack.enter_context(_rules_file(rules))
+            argv = self.argv(source, dest, previous, excludes, exclude_from=rules_path)
+            try:
+                result = self.runner.run(argv, mutates=True, timeout=None, on_wait=watch)
+            except CommandFailed as exc:
+                hint = EXIT_HINTS.get(exc.exit_code_of_command or 0, "")
+                raise CopyFailed(
+                    f"copy failed: {exc}" + (f" ({hint})" if hint else "")
+                ) from None
         return parse_stats(result.stdout)
 
 
