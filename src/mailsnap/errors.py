@@ -6,8 +6,15 @@ The exit codes are documented in the README and mapped in exactly one place (``c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+import contextlib
 import shlex
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from mailsnap.procs import Holder
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -61,14 +68,55 @@ class TeardownIncomplete(MailsnapError):
     exit_code = EXIT_TEARDOWN_INCOMPLETE
 
 
+class SourceRejected(MailsnapError):
+    """The source is not a Maildir or a tree of Maildirs (an empty mount point, a wrong path),
+    or it changed under a live copy (unmounted, replaced)."""
+
+
+class ShrinkRefused(MailsnapError):
+    """The new backup holds far fewer messages than the one before; not published."""
+
+
+class TargetFull(MailsnapError):
+    """The target file system ran out of space or inodes."""
+
+
+class ToolOutputError(MailsnapError):
+    """An external tool printed something mailsnap could not parse."""
+
+
+class MountInUse(MailsnapError):
+    """A leftover mount is still used by processes that are not this job's; it stays mounted.
+
+    ``holders`` are the processes found (pid, command, marker).
+    """
+
+    def __init__(self, mountpoint: Path, holders: Sequence[Holder]) -> None:
+        self.mountpoint = mountpoint
+        self.holders = list(holders)
+        users = ", ".join(h.describe() for h in self.holders)
+        super().__init__(
+            f"{mountpoint} is still in use by {users}: stop them, then run the job again; "
+            "mailsnap never unmounts a snapshot someone is reading"
+        )
+
+
 class Interrupted(MailsnapError):
-    """A signal (SIGINT, SIGTERM, SIGHUP) stopped the run; teardown still ran."""
+    """A signal (SIGINT, SIGTERM, SIGHUP) stopped the run; teardown still ran.
+
+    An interruption wins over everything that fails after it: the exit code stays 130 and the
+    job loop stops, even when a teardown step then failed too (``teardown`` says which).
+    """
 
     exit_code = EXIT_INTERRUPTED
 
-    def __init__(self, signal_name: str) -> None:
+    def __init__(self, signal_name: str, *, teardown: str = "") -> None:
         self.signal_name = signal_name
-        super().__init__(f"interrupted by {signal_name}; nothing was published")
+        self.teardown = teardown
+        message = f"interrupted by {signal_name}; nothing was published"
+        if teardown:
+            message += f"; {teardown}"
+        super().__init__(message)
 
 
 class CommandFailed(MailsnapError):
@@ -87,3 +135,15 @@ class CommandFailed(MailsnapError):
         if hint:
             message += f" ({hint})"
         super().__init__(message)
+
+
+@contextlib.contextmanager
+def parsing(tool: str) -> Iterator[None]:
+    """Turn a parse failure of ``tool``'s output into ``ToolOutputError`` (never a traceback)."""
+    try:
+        yield
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise ToolOutputError(
+            f"could not read the output of `{tool}` ({type(exc).__name__}: {exc}); is it a "
+            "supported version? Run with --debug and report it"
+        ) from exc

@@ -4,12 +4,18 @@ Every command is an argv list (never a shell string) plus a ``mutates`` flag. Th
 command as a line that can be pasted into a shell, times it, and under dry run skips commands that
 would change the system while still running read-only discovery (``findmnt``, ``lvs``, ``zfs
 list``), so the printed plan is built from real facts.
+
+No child outlives mailsnap. Each one gets a parent-death signal (SIGKILL when mailsnap dies, even
+by ``kill -9``), its own process group (so stopping it also stops what it forked), and the run's
+marker in its environment (``MAILSNAP_OWNER=mailsnap-<job>-<run id>``), so a later sweep can tell
+a process of ours that still holds a leftover mount from someone else's (see ``procs``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import contextlib
+import ctypes
 from dataclasses import dataclass, field
 import logging
 import os
@@ -30,6 +36,19 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 120.0
 # How long a child gets to exit after SIGTERM before it is killed.
 KILL_GRACE = 5.0
+# The variable that carries the run's marker into every child's environment.
+OWNER_ENV = "MAILSNAP_OWNER"
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# Looked up once here, not in the forked child: between fork and exec the child must do as little
+# as possible, and dlopen or a symbol lookup there could hang on a lock (the dynamic loader's,
+# malloc's) that another thread of ours held at the moment of the fork.
+_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = getattr(_libc, "prctl", None)  # Linux only; elsewhere children just lack the guard
+if _prctl is not None:
+    _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                       ctypes.c_ulong]
+    _prctl.restype = ctypes.c_int
 
 
 @dataclass(frozen=True)
@@ -46,10 +65,26 @@ class Result:
 
 @dataclass
 class Runner:
-    """Runs argv lists; ``dry_run`` skips mutating commands. ``history`` records every call."""
+    """Runs argv lists; ``dry_run`` skips mutating commands. ``history`` records every call.
+
+    ``owner`` is the ``mailsnap-<job>-<run id>`` marker of the run in progress (set with
+    ``owned_by``); every child started meanwhile carries it as ``MAILSNAP_OWNER``.
+    """
 
     dry_run: bool = False
     history: list[Result] = field(default_factory=list)
+    owner: str | None = None
+
+    @contextlib.contextmanager
+    def owned_by(self, owner: str) -> Iterator[None]:
+        """Mark every child started inside the block with ``owner``; restore the previous
+        marker afterwards. Changes nothing on the system, so dry run is the same."""
+        previous = self.owner
+        self.owner = owner
+        try:
+            yield
+        finally:
+            self.owner = previous
 
     def run(
         self,
@@ -73,8 +108,9 @@ class Runner:
         watch an LVM snapshot's COW space); if it raises, the command is stopped and the error
         propagates. ``passthrough`` connects the command to our stdin/stdout/stderr instead of
         capturing its output (for a user's own command). If this process is interrupted while
-        the command runs, the child is stopped first (SIGTERM, then SIGKILL) and the
-        interruption propagates, so teardown can start.
+        the command runs, the child is stopped first (SIGTERM, then SIGKILL, to its whole process
+        group) and the interruption propagates, so teardown can start. If mailsnap dies without
+        a chance to stop it (``kill -9``), the kernel kills the child.
         """
         args = tuple(os.fspath(a) for a in argv)
         line = shlex.join(args)
@@ -95,20 +131,35 @@ class Runner:
             "_tty_out": False,
             "_ok_code": list(ok_codes),
             "_decode_errors": "replace",
+            # sh forks in the calling thread, and the kernel sends the parent-death signal when
+            # the forking *thread* exits, not the process. mailsnap calls the runner from its
+            # main thread; a caller on a short-lived worker thread must wait for its commands
+            # before that thread ends (run() always does).
+            "_preexec_fn": _die_with_parent(os.getpid()),
+            # Its own process group, so _stop reaches what it forks (rsync's receiver, a
+            # hook's children). Not for passthrough: a user's command on the terminal must stay
+            # in our foreground group, or reading the terminal stops it with SIGTTIN and Ctrl-C
+            # no longer reaches it.
+            "_new_group": not passthrough,
         }
         if passthrough:
             kwargs.update(_out=sys.stdout, _err=sys.stderr, _in=sys.stdin)
-        if env is not None:
-            # sh's _env replaces the whole environment; callers pass a complete one.
-            kwargs["_env"] = dict(env)
+        if env is not None or self.owner is not None:
+            # sh's _env replaces the whole environment: callers that pass one pass it complete,
+            # and the marker goes into a copy of ours otherwise.
+            child_env = dict(os.environ if env is None else env)
+            if self.owner is not None:
+                child_env[OWNER_ENV] = self.owner
+            kwargs["_env"] = child_env
         start = time.monotonic()
         process: sh.RunningCommand = command(*args[1:], **kwargs)
+        group = not passthrough
         # Our own deadline: sh's _timeout polls in 0.1 s steps, which made every short
         # discovery command cost 0.1 s.
         expired = threading.Event()
         deadline = None
         if timeout is not None:
-            deadline = threading.Timer(timeout, _expire, (process, expired))
+            deadline = threading.Timer(timeout, _expire, (process, expired, group))
             deadline.daemon = True
             deadline.start()
         try:
@@ -122,7 +173,7 @@ class Runner:
             log.error("%s  (exit %d, %.2fs)", line, exc.exit_code, duration)
             raise CommandFailed(args, exc.exit_code, _text(exc.stderr), hint=hint) from None
         except BaseException:
-            _stop(process)
+            _stop(process, group)
             log.warning("%s  (stopped: mailsnap was interrupted)", line)
             raise
         finally:
@@ -136,11 +187,68 @@ class Runner:
         return result
 
 
-def _expire(process: sh.RunningCommand, expired: threading.Event) -> None:
-    """The deadline passed: kill the command (its wait then raises)."""
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """The function sh runs in the forked child before exec: ask the kernel for SIGKILL when
+    we die, so a ``kill -9``'d mailsnap leaves no copy running under PID 1 holding its mount."""
+    prctl = _prctl
+    kill = int(signal.SIGKILL)
+    getppid = os.getppid
+    exit_now = os._exit
+
+    def preexec() -> None:
+        if prctl is not None and prctl(PR_SET_PDEATHSIG, kill, 0, 0, 0) != 0:
+            # sh hands the child's exception to the parent, which raises it.
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        # If we died between fork and prctl, the signal will never come: the child has
+        # already been reparented. Then it must not start at all.
+        if getppid() != parent:
+            exit_now(1)
+
+    return preexec
+
+
+def _signal(process: sh.RunningCommand, sig: int, group: bool) -> None:
+    """Send ``sig`` to the child, or to its whole process group; a child already gone is fine.
+    So is one we may not signal (a set-user-ID program when we are not root): nothing more can
+    be done, and the error that made us stop it is the one to report."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if group:
+            # The group id is the child's pid, recorded at launch: it still reaches the
+            # grandchildren after the child itself has exited and been reaped.
+            os.killpg(process.process.pgid, sig)
+        else:
+            process.process.signal(sig)
+
+
+def _group_alive(process: sh.RunningCommand) -> bool:
+    """Whether a member of the child's process group still runs. Zombies do not count: where
+    PID 1 does not reap orphans (some containers), an exited grandchild stays one forever."""
+    pgid = process.process.pgid
+    try:
+        os.killpg(pgid, 0)  # the cheap answer when the group is empty
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # members we may not signal; the scan below still sees them
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+            # state and pgrp follow the command name, which may itself contain ") ".
+            state, _ppid, pgrp = stat[stat.rindex(b")") + 2:].split(maxsplit=3)[:3]
+        except (OSError, ValueError):
+            continue  # it exited while we looked
+        if int(pgrp) == pgid and state not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def _expire(process: sh.RunningCommand, expired: threading.Event, group: bool) -> None:
+    """The deadline passed: kill the command and what it forked (its wait then raises)."""
     expired.set()
-    with contextlib.suppress(ProcessLookupError):
-        process.process.signal(signal.SIGKILL)
+    _signal(process, signal.SIGKILL, group)
 
 
 def _wait(
@@ -170,17 +278,21 @@ def _text(data: bytes | str | None) -> str:
     return data
 
 
-def _stop(process: sh.RunningCommand) -> None:
-    """Stop a child we are abandoning: SIGTERM, a grace period, then SIGKILL."""
+def _stop(process: sh.RunningCommand, group: bool) -> None:
+    """Stop a child we are abandoning: SIGTERM, a grace period, then SIGKILL. With ``group``,
+    every signal goes to its process group, so its own children stop too."""
     try:
-        if not process.is_alive():
+        if not group and not process.is_alive():
             return
-        process.process.signal(signal.SIGTERM)
+        _signal(process, signal.SIGTERM, group)
         deadline = time.monotonic() + KILL_GRACE
-        while process.is_alive() and time.monotonic() < deadline:
+        # is_alive() also reaps the child, so its pid stops counting as a group member.
+        while time.monotonic() < deadline and (
+            process.is_alive() or (group and _group_alive(process))
+        ):
             time.sleep(0.05)
-        if process.is_alive():
-            process.process.kill()
+        if process.is_alive() or (group and _group_alive(process)):
+            _signal(process, signal.SIGKILL, group)
         process.wait()
-    except (sh.ErrorReturnCode, ProcessLookupError):
+    except sh.ErrorReturnCode:
         pass  # it exited because we signalled it; the error that made us stop it is what matters
