@@ -13,7 +13,7 @@ import stat
 
 import pytest
 
-from mailsnap.backends.live import LiveBackend
+from mailsnap import session as session_module
 from mailsnap.config import Job, one_off_job
 from mailsnap.copiers.maildir import MaildirCopier
 from mailsnap.errors import (
@@ -24,6 +24,7 @@ from mailsnap.errors import (
 )
 from mailsnap.pipeline import run_backup
 from mailsnap.runner import Runner
+from mailsnap.session import job_lock
 from mailsnap.store import BackupStore
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "Maildir"
@@ -92,47 +93,67 @@ def test_failed_copy_publishes_nothing_and_keeps_earlier_backups(
 
 
 def test_sigterm_mid_copy_unwinds(job: Job, monkeypatch: pytest.MonkeyPatch) -> None:
-    destroyed: list[str] = []
+    swept: list[str] = []
     real_copy = MaildirCopier.copy
-    real_destroy = LiveBackend.destroy
+    real_sweep = session_module._final_sweep
 
     def copy_then_get_killed(self: MaildirCopier, *args: object, **kwargs: object) -> None:
         real_copy(self, *args, **kwargs)  # type: ignore[arg-type]
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def spy_destroy(self: LiveBackend, snapshot: object) -> None:
-        destroyed.append("destroy")
-        real_destroy(self, snapshot)  # type: ignore[arg-type]
+    def spy_sweep(*args: object) -> None:
+        swept.append("final sweep")
+        real_sweep(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(MaildirCopier, "copy", copy_then_get_killed)
-    monkeypatch.setattr(LiveBackend, "destroy", spy_destroy)
+    monkeypatch.setattr(session_module, "_final_sweep", spy_sweep)
     with pytest.raises(Interrupted) as info:
         run_backup(job, Runner(), clock=lambda: FIXED)
     assert info.value.exit_code == 130 and info.value.signal_name == "SIGTERM"
     assert published(job) == [] and leftovers(job) == []
-    assert destroyed == ["destroy"]
+    assert swept == ["final sweep"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
 
 def test_failing_undo_step_still_runs_the_others_and_says_so(
     job: Job, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    unmounted: list[str] = []
+    swept: list[str] = []
 
-    def broken_destroy(self: LiveBackend, snapshot: object) -> None:
+    def broken_discard(self: BackupStore, partial: Path) -> None:
         raise OSError("device busy (injected)")
 
-    def spy_unmount(self: LiveBackend, snapshot: object, mountpoint: Path) -> None:
-        unmounted.append(str(mountpoint))
+    def spy_sweep(*args: object) -> None:
+        swept.append("final sweep")
 
-    monkeypatch.setattr(LiveBackend, "destroy", broken_destroy)
-    monkeypatch.setattr(LiveBackend, "unmount", spy_unmount)
+    monkeypatch.setattr(BackupStore, "discard", broken_discard)
+    monkeypatch.setattr(session_module, "_final_sweep", spy_sweep)
     with pytest.raises(TeardownIncomplete) as info:
         run_backup(job, Runner(), clock=lambda: FIXED)
     assert info.value.exit_code == 4
     assert "device busy (injected)" in str(info.value)
-    assert unmounted  # the undo before it (in reverse order) still ran
+    assert swept  # the undo after it (in reverse order) still ran
     assert published(job) == ["20261128T020000Z"]  # the copy itself was complete
+
+
+def test_a_failing_undo_after_sigterm_still_exits_130(
+    job: Job, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_copy = MaildirCopier.copy
+
+    def copy_then_get_killed(self: MaildirCopier, *args: object, **kwargs: object) -> None:
+        real_copy(self, *args, **kwargs)  # type: ignore[arg-type]
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def broken_discard(self: BackupStore, partial: Path) -> None:
+        raise OSError("device busy (injected)")
+
+    monkeypatch.setattr(MaildirCopier, "copy", copy_then_get_killed)
+    monkeypatch.setattr(BackupStore, "discard", broken_discard)
+    with pytest.raises(Interrupted) as info:
+        run_backup(job, Runner(), clock=lambda: FIXED)
+    assert info.value.exit_code == 130
+    assert "device busy (injected)" in str(info.value) and "teardown incomplete" in str(info.value)
 
 
 def test_second_run_of_the_same_job_is_refused(job: Job) -> None:
@@ -140,6 +161,19 @@ def test_second_run_of_the_same_job_is_refused(job: Job) -> None:
     with store.locked(), pytest.raises(LockedError, match="already running") as info:
         run_backup(job, Runner(), clock=lambda: FIXED)
     assert info.value.exit_code == 3
+    assert f"pid {os.getpid()}" in str(info.value)
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_held_job_session_refuses_backup_and_dry_run_with_the_holders_pid(
+    job: Job, dry_run: bool
+) -> None:
+    with job_lock(job, "snapshot --exec", dry_run=False), \
+            pytest.raises(LockedError) as info:
+        run_backup(job, Runner(dry_run=dry_run), clock=lambda: FIXED)
+    assert info.value.exit_code == 3
+    assert f"pid {os.getpid()} (snapshot --exec)" in str(info.value)
+    assert not (job.target / job.name).exists()
 
 
 def test_partial_from_a_crashed_run_is_swept(job: Job) -> None:

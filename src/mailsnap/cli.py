@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+import errno
 import json
 import logging
 import os
@@ -40,6 +41,8 @@ from mailsnap.errors import (
 )
 from mailsnap.pipeline import run_backup, run_with_snapshot
 from mailsnap.runner import Runner
+from mailsnap.signals import signals_unwind
+from mailsnap.sources import MAX_DEPTH, find_first_maildir
 from mailsnap.store import BackupStore
 
 log = logging.getLogger("mailsnap")
@@ -107,8 +110,12 @@ def _guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn:
     _setup_logging(debug)
     try:
         code = body()
-    except (MailsnapError, OSError) as exc:
+    except MailsnapError as exc:
         _fail(exc, debug=debug, as_json=as_json)
+    except OSError as exc:
+        if debug:
+            log.exception("mailsnap failed")
+        _fail(MailsnapError(describe_os_error(exc)), debug=False, as_json=as_json)
     raise typer.Exit(code)
 
 
@@ -125,12 +132,17 @@ def _select_jobs(
         if config is not None:
             raise ConfigError("--config and --source/--target exclude each other; pick one")
         return [
-            one_off_job(name=job or "mail", source=source, target=target,
+            one_off_job(name=_one_off_name(job), source=source, target=target,
                         backend=backend or "auto")
         ]
     if backend is not None:
         raise ConfigError("--backend only goes with --source/--target; set backend in the file")
     return load_config(config or DEFAULT_CONFIG).select(job)
+
+
+def _one_off_name(job: str | None) -> str:
+    # `--job ''` is a bad name to report, not a reason to fall back to the default.
+    return "mail" if job is None else job
 
 
 @app.command()
@@ -140,6 +152,12 @@ def backup(
     source: SourceOpt = None,
     target: TargetOpt = None,
     backend: BackendOpt = None,
+    allow_shrink: Annotated[
+        bool,
+        typer.Option("--allow-shrink",
+                     help="Publish even if the backup holds fewer than min_keep_percent of the "
+                     "previous backup's messages (after a real mass deletion)."),
+    ] = False,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -151,16 +169,20 @@ def backup(
         runner = Runner(dry_run=dry_run)
         reports: list[dict[str, Any]] = []
         worst = EXIT_OK
-        for one in jobs:
-            try:
-                report = run_backup(one, runner)
-                reports.append(report.as_dict())
-            except MailsnapError as exc:
-                log.error("job %s failed: %s", one.name, exc)
-                reports.append({"job": one.name, "status": "failed", "error": str(exc),
-                                "exit_code": exc.exit_code})
-                worst = max(worst, exc.exit_code)
-                if isinstance(exc, Interrupted):
+        # One job's failure is that job's; the others still run. An interrupt stops them all.
+        with signals_unwind():
+            for one in jobs:
+                try:
+                    report = run_backup(one, runner, allow_shrink=allow_shrink)
+                    reports.append(report.as_dict())
+                    continue
+                except Exception as exc:
+                    error = _job_error(one.name, exc, debug=debug)
+                log.error("job %s failed: %s", one.name, error)
+                reports.append({"job": one.name, "status": "failed", "error": str(error),
+                                "exit_code": error.exit_code})
+                worst = max(worst, error.exit_code)
+                if isinstance(error, Interrupted):
                     break
         if as_json:
             status = "ok" if worst == EXIT_OK else "failed"
@@ -173,14 +195,48 @@ def backup(
     _guarded(debug, as_json, body)
 
 
+def _job_error(name: str, exc: Exception, *, debug: bool) -> MailsnapError:
+    """Any failure of one job as a ``MailsnapError`` with a one-line message."""
+    if isinstance(exc, MailsnapError):
+        return exc
+    if debug:
+        log.exception("job %s failed", name)
+    if isinstance(exc, OSError):
+        return MailsnapError(describe_os_error(exc))
+    return MailsnapError(
+        f"internal error ({type(exc).__name__}: {exc}); run with --debug for the traceback "
+        "and report it"
+    )
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``[Errno 28] No space left on device: '/x'`` → one line that says what to do."""
+    where = os.fsdecode(exc.filename) if exc.filename is not None else "a file"
+    what = exc.strerror or str(exc)
+    hint = {
+        errno.ENOSPC: "free space on that file system",
+        errno.EDQUOT: "raise the quota or free space",
+        errno.EACCES: "run as root or fix the permissions",
+        errno.EPERM: "run as root or fix the permissions",
+        errno.EROFS: "the file system is read-only; remount it read-write or pick another "
+                     "target",
+        errno.ENAMETOOLONG: "a path is too long; check that the target is not inside the "
+                            "source",
+    }.get(exc.errno or 0, "check the path")
+    return f"{where}: {what}; {hint}"
+
+
 def _print_reports(reports: list[dict[str, Any]]) -> None:
     console = Console()
     for r in reports:
         if r["status"] == "failed":
             console.print(f"[red]✗[/] {r['job']}: {r['error']}", highlight=False, soft_wrap=True)
         elif r["dry_run"]:
+            where = ("counted on the live source; the snapshot was not taken" if r["estimated"]
+                     else "counted on the source")
             console.print(f"[yellow]dry run[/] {r['job']}: would copy {r['files']} files "
-                          f"({_size(r['bytes'])}) with {r['backend']}; nothing was changed",
+                          f"({_size(r['bytes'])}, {r['messages']} messages; {where}) with "
+                          f"{r['backend']}; nothing was changed",
                           highlight=False, soft_wrap=True)
         else:
             kind = "snapshot" if r["point_in_time"] else "live copy (not point-in-time)"
@@ -266,7 +322,7 @@ def snapshot(
         if exec_ and ctx.args:
             raise ConfigError("give the command once: either --exec or after `--`")
         if source is not None:
-            jobs = [one_off_job(name=job or "mail", source=source,
+            jobs = [one_off_job(name=_one_off_name(job), source=source,
                                 target=_private_target(), backend=backend or "auto")]
         else:
             jobs = _select_jobs(config, job, None, None, backend)
@@ -330,9 +386,10 @@ def _check_job(job: Job, runner: Runner) -> list[dict[str, Any]]:
         return rows
     readable = os.access(src, os.R_OK | os.X_OK)
     add("source", readable, f"{src}" + ("" if readable else ": not readable"))
-    has_maildir = any((p / "cur").is_dir() for p in [src, *_children(src)])
-    add("maildir", has_maildir, "found cur/ and new/" if has_maildir
-        else "no Maildir (cur/, new/) at the top or one level down; is source right?")
+    first = find_first_maildir(src)
+    add("maildir", first is not None, f"found a Maildir at {first}" if first is not None
+        else f"no Maildir (cur/ and new/) at the top or up to {MAX_DEPTH} levels down; is the "
+        "volume mounted and source right?")
     tgt = job.target
     existing = tgt if tgt.exists() else next((p for p in tgt.parents if p.exists()), Path("/"))
     writable = os.access(existing, os.W_OK | os.X_OK)
@@ -370,13 +427,6 @@ def _dovecot_mail_fsync(runner: Runner) -> str | None:
     except MailsnapError as exc:
         log.warning("could not read Dovecot's mail_fsync: %s", exc)
         return None
-
-
-def _children(path: Path) -> list[Path]:
-    try:
-        return [p for p in path.iterdir() if p.is_dir()][:50]
-    except OSError:
-        return []
 
 
 def _version(value: bool) -> None:

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 import time
 
-from mailsnap.errors import CommandFailed, MailsnapError
+from mailsnap.errors import CommandFailed, MailsnapError, parsing
 from mailsnap.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ class Mount:
     options: tuple[str, ...]
 
 
+@parsing("findmnt")
 def _parse(stdout: str) -> list[Mount]:
     data = json.loads(stdout or '{"filesystems": []}')
     out: list[Mount] = []

@@ -1,17 +1,19 @@
 """The backup run, top to bottom, as an admin's runbook:
 
-    1. take the job's run lock               (a second run exits 3, "already running")
-    2. find the volume behind the source     (read-only discovery)
-    3. sweep what a crashed run left         (its mounts, snapshots and .partial directory)
-    4. take the snapshot                     → undo: destroy it
-    5. mount it read-only                    → undo: unmount, remove the mount point
-    6. copy into <run id>.partial            → undo: remove the .partial directory
-    7. check the snapshot is still valid, publish by one rename, point ``latest`` at it
+    0. check the source is a Maildir tree     (nothing is created or locked for a wrong source)
+    1. enter the job's session                (lock, discover, sweep leftovers; see session.py)
+    2. lock the job's backup store            (TARGET/<job>/.lock), sweep its .partial leftovers
+    3. take the snapshot                      → undo: destroy it
+    4. mount it read-only                     → undo: unmount, remove the mount point
+       (a live source has neither: it is read in place and watched for being unmounted)
+    5. copy into <run id>.partial             → undo: remove the .partial directory
+    6. check the snapshot (or live source) is still valid; count the messages; refuse a
+       backup that shrank below ``min_keep_percent`` of the previous one
+    7. publish by one rename, point ``latest`` at it
+    … the session tears down in reverse and sweeps once more …
 
-Each stage pushes its undo on an ``ExitStack`` the moment there is something to undo, so teardown
-runs in reverse on success, on any error and on SIGINT/SIGTERM/SIGHUP. A failing undo step is
-logged and the others still run; the run then ends with ``TeardownIncomplete`` (exit 4) naming
-what may remain, and the next run's sweep (stage 3) removes it.
+Each stage pushes its undo on the session's ``ExitStack`` the moment there is something to undo,
+so teardown runs in reverse on success, on any error and on SIGINT/SIGTERM/SIGHUP.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 import contextlib
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+import errno
 import logging
 import os
 from pathlib import Path
@@ -28,19 +31,25 @@ import time
 from typing import Any
 
 from mailsnap import __version__
-from mailsnap.backends import make_backend
-from mailsnap.backends.base import Snapshot, SnapshotBackend, Volume, snapshot_name
+from mailsnap.backends.base import Snapshot, snapshot_name
 from mailsnap.config import Job
 from mailsnap.copiers import make_copier
-from mailsnap.errors import TeardownIncomplete
-from mailsnap.mounts import mounts_under, unmount
+from mailsnap.errors import CopyFailed, ShrinkRefused, TargetFull
+from mailsnap.maildirs import survey
 from mailsnap.runner import Runner
-from mailsnap.signals import SignalGuard, signals_unwind
-from mailsnap.store import CONTENT, BackupStore
+from mailsnap.session import Session, job_session, stage
+from mailsnap.signals import signals_unwind
+from mailsnap.sources import SourceIdentity, check_source, check_target_outside_source
+from mailsnap.store import CONTENT, Backup, BackupStore, run_id_for
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+
+# Below this much free space (or with no free inode) a failed copy is reported as a full target.
+FULL_BELOW_BYTES = 4 << 20
+# … or below this much when the copy failed with "No space left on device" (a large message).
+NO_SPACE_BELOW_BYTES = 256 << 20
 
 
 def utc_now() -> datetime:
@@ -49,15 +58,17 @@ def utc_now() -> datetime:
 
 @dataclass(frozen=True)
 class View:
-    """A consistent, read-only view of the source for the length of a ``with`` block."""
+    """What the copy reads: a mounted read-only snapshot, or (``snapshot`` None) the live
+    source itself. ``check`` raises when the view can no longer be trusted: an LVM snapshot
+    that overflowed, a live source that was unmounted or replaced."""
 
-    job: Job
-    backend: SnapshotBackend
-    store: BackupStore
-    run_id: str
-    snapshot: Snapshot
-    path: Path  # read from here
-    undo: Callable[[str, Callable[[], None]], None]  # push a later stage's undo on the stack
+    path: Path
+    snapshot: Snapshot | None
+    check: Callable[[], None]
+
+    @property
+    def point_in_time(self) -> bool:
+        return self.snapshot is not None
 
 
 @dataclass
@@ -67,120 +78,48 @@ class BackupReport:
     backup: str | None
     backend: str
     point_in_time: bool
-    snapshot: str
+    snapshot: str | None
     files: int
     bytes: int
     linked: int
+    messages: int
+    previous_messages: int | None
     passes: int
     seconds: float
     dry_run: bool
+    estimated: bool  # dry run of a snapshot backend: counted on the live source
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-class Teardown:
-    """Runs undo steps so that one failing step never stops the others."""
-
-    def __init__(self) -> None:
-        self.failures: list[str] = []
-
-    def push(self, stack: contextlib.ExitStack, what: str, fn: Callable[[], None]) -> None:
-        stack.callback(self._step, what, fn)
-
-    def _step(self, what: str, fn: Callable[[], None]) -> None:
-        started = time.monotonic()
-        try:
-            fn()
-        except Exception as exc:
-            log.error("teardown: %s FAILED: %s", what, exc)
-            self.failures.append(f"{what}: {exc}")
-            return
-        log.info("teardown: %s (%.2fs)", what, time.monotonic() - started)
-
-
-@contextlib.contextmanager
-def stage(name: str) -> Iterator[None]:
-    """One log line per stage with how long it took."""
-    started = time.monotonic()
-    log.debug("%s: starting", name)
-    yield
-    log.info("%s: done (%.2fs)", name, time.monotonic() - started)
-
-
-@contextlib.contextmanager
-def consistent_view(
-    job: Job, runner: Runner, guard: SignalGuard, *, clock: Clock = utc_now
-) -> Iterator[View]:
-    """Stages 1–5: lock, discover, sweep, snapshot, mount read-only. Tears everything down when
-    the block ends, however it ends. Dry run: discovery runs, every change is only printed."""
-    backend = make_backend(job, runner)
-    store = BackupStore(job.target / job.name, dry_run=runner.dry_run)
-    teardown = Teardown()
-    try:
-        with contextlib.ExitStack() as stack:
-            try:
-                if not runner.dry_run:
-                    with stage("lock"):
-                        stack.enter_context(store.locked())
-                with stage("discover"):
-                    volume = backend.discover(job.source)
-                    log.info("discover: %s: backend %s, %s", job.source, backend.name,
-                             volume.device or "no snapshot (live copy)")
-                with stage("sweep"):
-                    sweep_leftovers(job, runner, backend, volume, store)
-                run_id = store.new_run_id(clock())
-                name = snapshot_name(job.name, run_id)
-                with stage("snapshot"):
-                    snapshot = backend.create(volume, name)
-                    teardown.push(stack, f"destroy snapshot {name}",
-                                  lambda: backend.destroy(snapshot))
-                with stage("mount"):
-                    mountpoint = _make_mountpoint(job.work_dir / "snapshot", runner)
-                    teardown.push(stack, f"remove {mountpoint}",
-                                  lambda: _remove_mountpoint(mountpoint, runner))
-                    path = backend.mount(snapshot, mountpoint)
-                    teardown.push(stack, f"unmount {mountpoint}",
-                                  lambda: backend.unmount(snapshot, mountpoint))
-                yield View(job, backend, store, run_id, snapshot, path,
-                           undo=lambda what, fn: teardown.push(stack, what, fn))
-            finally:
-                guard.defer()
-    except BaseException as exc:
-        if teardown.failures:
-            raise TeardownIncomplete(_incomplete(teardown.failures, job) +
-                                     f"; the run had already failed: {exc}") from exc
-        raise
-    if teardown.failures:
-        raise TeardownIncomplete(_incomplete(teardown.failures, job))
-
-
-def _incomplete(failures: Sequence[str], job: Job) -> str:
-    return (
-        "teardown incomplete (" + "; ".join(failures) + "); the next run of job "
-        f"{job.name!r} removes what is left, or remove it by hand"
-    )
-
-
-def sweep_leftovers(
-    job: Job, runner: Runner, backend: SnapshotBackend, volume: Volume, store: BackupStore
-) -> None:
-    """Stage 3: tidy what a killed run of this job left. Safe because we hold the job's lock,
-    and limited to this job's own directory and names carrying its ``mailsnap-<job>-`` marker."""
-    for mount in mounts_under(runner, job.work_dir):
-        log.warning("sweep: unmounting %s left by an earlier run", mount.target)
-        unmount(runner, mount.target)
-    for snapshot in backend.list_owned(volume, job.name):
-        log.warning("sweep: destroying snapshot %s left by an earlier run", snapshot.name)
-        backend.destroy(snapshot)
-    store.sweep_partials()
-
-
-def _make_mountpoint(path: Path, runner: Runner) -> Path:
-    if not runner.dry_run:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path.mkdir(mode=0o700, exist_ok=True)
-    return path
+def open_view(session: Session, run_id: str) -> View:
+    """Stages 3–4: snapshot and read-only mount, each with its undo on the session; for a
+    backend without snapshots, the live source with its identity recorded. Every child process
+    from here on carries the run's ``mailsnap-<job>-<run id>`` marker, so a sweep can tell our
+    orphans from a stranger's processes. Dry run: prints the commands, returns the paths."""
+    job, backend, runner = session.job, session.backend, session.runner
+    name = snapshot_name(job.name, run_id)
+    session.enter(runner.owned_by(name))
+    if not backend.point_in_time:
+        log.warning(
+            "live copy of %s: no snapshot, so the backup is not a single point in time "
+            "(messages are re-found by base name when Dovecot renames or moves them)",
+            job.source,
+        )
+        identity = SourceIdentity.of(job.source)
+        return View(job.source, None, identity.verify)
+    with stage("snapshot"):
+        snapshot = backend.create(session.volume, name)
+        session.undo(f"destroy snapshot {name}", lambda: backend.destroy(snapshot))
+    with stage("mount"):
+        mountpoint = job.work_dir / "snapshot"
+        if not runner.dry_run:
+            mountpoint.mkdir(mode=0o700, exist_ok=True)
+        session.undo(f"remove {mountpoint}", lambda: _remove_mountpoint(mountpoint, runner))
+        path = backend.mount(snapshot, mountpoint)
+        session.undo(f"unmount {mountpoint}", lambda: backend.unmount(snapshot, mountpoint))
+    return View(path, snapshot, lambda: backend.check_healthy(snapshot))
 
 
 def _remove_mountpoint(path: Path, runner: Runner) -> None:
@@ -189,74 +128,186 @@ def _remove_mountpoint(path: Path, runner: Runner) -> None:
             path.rmdir()
 
 
-def run_backup(job: Job, runner: Runner, *, clock: Clock = utc_now) -> BackupReport:
-    """One backup of ``job``: stages 1–7. Raises a ``MailsnapError`` subclass on failure."""
+def run_backup(
+    job: Job, runner: Runner, *, clock: Clock = utc_now, allow_shrink: bool = False
+) -> BackupReport:
+    """One backup of ``job``: stages 0–7. Raises a ``MailsnapError`` subclass on failure.
+    Dry run: discovery and read-only walks run; every change is only printed."""
     started_at = clock()
     started = time.monotonic()
-    with signals_unwind() as guard, consistent_view(job, runner, guard, clock=clock) as view:
+    with stage("check source"):
+        check_source(job.source)
+        check_target_outside_source(job.source, job.target)
+    with signals_unwind() as guard, \
+            job_session(job, runner, guard, purpose="backup") as session:
+        store = BackupStore(job.target / job.name, dry_run=runner.dry_run)
+        if not runner.dry_run:
+            session.enter(store.locked())
+        store.sweep_partials()
+        run_id = store.new_run_id(clock())
+        view = open_view(session, run_id)
         copier = make_copier(
-            point_in_time=view.snapshot.point_in_time,
+            point_in_time=view.point_in_time,
             runner=runner,
             max_passes=getattr(job, "max_passes", 10),
         )
-        previous = view.store.latest()
-        partial = view.store.begin(view.run_id)
+        previous = store.latest()
+        partial = store.begin(run_id)
         # Unwinds first: an unpublished .partial goes before the snapshot does. After publish
         # the .partial name no longer exists and this is a no-op.
-        view.undo(f"remove unpublished {partial.name}", lambda: view.store.discard(partial))
-        with stage(f"copy ({copier.name})"):
-            stats = copier.copy(
-                view.path,
-                partial / CONTENT,
-                previous=previous.content if previous else None,
-                excludes=job.excludes,
-                watch=lambda: view.backend.check_healthy(view.snapshot),
-            )
-        with stage("verify snapshot"):
-            view.backend.check_healthy(view.snapshot)
+        session.undo(f"remove unpublished {partial.name}", lambda: store.discard(partial))
+        with stage(f"copy ({copier.name})"), full_target_explained(store.root):
+            try:
+                stats = copier.copy(
+                    view.path,
+                    partial / CONTENT,
+                    previous=previous.content if previous else None,
+                    excludes=job.excludes,
+                    watch=view.check,
+                )
+            except CopyFailed:
+                view.check()  # "cannot read …" because the volume went away: say that instead
+                raise
+        with stage("verify snapshot" if view.point_in_time else "verify source"):
+            view.check()
+        estimated = runner.dry_run and view.point_in_time
+        with stage("count messages"):
+            counted = survey(job.source if estimated else
+                             (view.path if runner.dry_run else partial / CONTENT), job.excludes)
+        if estimated:
+            # rsync did not run and the snapshot was never mounted: say what the source holds.
+            stats.files, stats.bytes = counted.files, counted.bytes
+        previous_messages = _messages_in(previous, job) if previous else None
+        shrink_guard(job, counted.messages, previous, previous_messages,
+                     allow=allow_shrink or runner.dry_run)
         manifest = {
             "job": job.name,
-            "run_id": view.run_id,
+            "run_id": run_id,
             "source": str(job.source),
-            "backend": view.backend.name,
-            "snapshot": view.snapshot.name,
-            "point_in_time": view.snapshot.point_in_time,
+            "backend": session.backend.name,
+            "snapshot": view.snapshot.name if view.snapshot else None,
+            "point_in_time": view.point_in_time,
             "copier": copier.name,
             "started": started_at.isoformat(),
             "finished": clock().isoformat(),
             "files": stats.files,
             "bytes": stats.bytes,
             "linked": stats.linked,
+            "messages": counted.messages,
             "passes": stats.passes,
             "previous": previous.run_id if previous else None,
+            "allowed_shrink": allow_shrink,
             "host": socket.gethostname(),
             "mailsnap_version": __version__,
         }
-        with stage("publish"):
-            backup = view.store.publish(partial, manifest)
+        with stage("publish"), full_target_explained(store.root):
+            backup = store.publish(partial, manifest)
     if not runner.dry_run:
-        log.info("backup %s published (%d files, %d bytes, %d hard-linked)",
-                 backup.path, stats.files, stats.bytes, stats.linked)
+        log.info("backup %s published (%d messages, %d files, %d bytes, %d hard-linked)",
+                 backup.path, counted.messages, stats.files, stats.bytes, stats.linked)
     return BackupReport(
         job=job.name,
         status="ok" if not runner.dry_run else "dry-run",
         backup=None if runner.dry_run else str(backup.path),
-        backend=view.backend.name,
-        point_in_time=view.snapshot.point_in_time,
-        snapshot=view.snapshot.name,
+        backend=session.backend.name,
+        point_in_time=view.point_in_time,
+        snapshot=view.snapshot.name if view.snapshot else None,
         files=stats.files,
         bytes=stats.bytes,
         linked=stats.linked,
+        messages=counted.messages,
+        previous_messages=previous_messages,
         passes=stats.passes,
         seconds=round(time.monotonic() - started, 3),
         dry_run=runner.dry_run,
+        estimated=estimated,
     )
 
 
-def run_with_snapshot(job: Job, runner: Runner, argv: Sequence[str]) -> int:
+def _messages_in(backup: Backup, job: Job) -> int:
+    """The message count a published backup recorded; counted on disk for backups made
+    before mailsnap recorded it."""
+    recorded = backup.manifest.get("messages")
+    if isinstance(recorded, int):
+        return recorded
+    return survey(backup.content, job.excludes).messages
+
+
+def shrink_guard(
+    job: Job, messages: int, previous: Backup | None, previous_messages: int | None,
+    *, allow: bool,
+) -> None:
+    """Refuse to publish a backup holding fewer than ``min_keep_percent`` of the previous
+    backup's messages. Users expunge mail every day, so some shrinking is normal; losing half of
+    it overnight is what an unmounted volume, a wrong source or a broken sync looks like, and
+    publishing that would make the bad backup ``latest`` (and, with retention, age the good
+    ones out)."""
+    if previous is None or not previous_messages:
+        log.info("messages: %d (no earlier backup to compare with)", messages)
+        return
+    percent = 100.0 * messages / previous_messages
+    log.info("messages: %d, %.1f%% of the %d in %s", messages, percent, previous_messages,
+             previous.run_id)
+    if percent >= job.min_keep_percent:
+        return
+    if allow:
+        log.warning("messages dropped to %.1f%% of the previous backup (below min_keep_percent "
+                    "= %d); publishing anyway (--allow-shrink or dry run)", percent,
+                    job.min_keep_percent)
+        return
+    raise ShrinkRefused(
+        f"backup of job {job.name!r} holds {messages} messages, {percent:.1f}% of the "
+        f"{previous_messages} in {previous.run_id} (min_keep_percent = {job.min_keep_percent}): "
+        "not published. Check that the mail volume is mounted and `source` is right; if the "
+        "mail really was deleted, run again with --allow-shrink"
+    )
+
+
+@contextlib.contextmanager
+def full_target_explained(root: Path) -> Iterator[None]:
+    """A full target shows up as anything from rsync's "Broken pipe" (exit 10) to a raw
+    ``[Errno 28]`` from mkdir. When a copy or publish fails and the target has no room left,
+    say that instead."""
+    try:
+        yield
+    except (CopyFailed, OSError) as exc:
+        full = target_full(root, exc)
+        if full:
+            raise TargetFull(
+                f"target {root} is full ({full}): free space there or move the target; nothing "
+                "was published and earlier backups are untouched"
+            ) from exc
+        raise
+
+
+def target_full(root: Path, exc: BaseException | None = None) -> str | None:
+    """How full the target is when it is too full to go on, else None. Read-only."""
+    try:
+        info = os.statvfs(root)
+    except OSError:
+        return None
+    as_root = os.geteuid() == 0
+    free = (info.f_bfree if as_root else info.f_bavail) * info.f_frsize
+    inodes = info.f_ffree if as_root else info.f_favail
+    no_space = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    no_space = no_space or "No space left on device" in str(exc or "")
+    # ENOSPC with room to spare is a quota or a reserved-blocks limit, not a full disk: the
+    # original error says more then.
+    if (free < FULL_BELOW_BYTES or (info.f_files and inodes == 0)
+            or (no_space and free < NO_SPACE_BELOW_BYTES)):
+        return f"{free // 1024} KiB and {inodes} inodes free"
+    return None
+
+
+def run_with_snapshot(
+    job: Job, runner: Runner, argv: Sequence[str], *, clock: Clock = utc_now
+) -> int:
     """``mailsnap snapshot --exec``: run ``argv`` with ``$MAILSNAP_SNAPSHOT`` set to the
-    read-only snapshot of the source, then tear down. Returns the command's exit code."""
-    with signals_unwind() as guard, consistent_view(job, runner, guard) as view:
+    read-only snapshot of the source, then tear down. Returns the command's exit code.
+    It enters the same job session as ``backup``, so the two never sweep each other."""
+    with signals_unwind() as guard, \
+            job_session(job, runner, guard, purpose="snapshot --exec") as session:
+        view = open_view(session, run_id_for(clock()))
         env = dict(os.environ, MAILSNAP_SNAPSHOT=str(view.path))
         log.info("exec: MAILSNAP_SNAPSHOT=%s", view.path)
         result = runner.run(

@@ -76,6 +76,7 @@ class BackupStore:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                handle.seek(0)  # "a+" reads from the end
                 holder = handle.read().strip() or "another process"
                 raise LockedError(
                     f"job already running ({holder} holds {path}); wait for it to finish"

@@ -1,9 +1,11 @@
 """live: no snapshot at all — the fallback for a plain directory, a file system without snapshot
 support, or a run without root.
 
-Its "snapshot" is the live tree itself, flagged ``point_in_time = False``: the pipeline then uses
-the Maildir-aware copier (which re-finds renamed and moved messages) instead of rsync, and the
-backup's ``mailsnap.json`` records that it is a live copy, not a point-in-time image.
+``point_in_time = False`` tells the pipeline there is nothing to create or mount: it reads the
+live tree in place with the Maildir-aware copier (which re-finds renamed and moved messages),
+watches that the source stays the same mounted directory, and records the backup as a live copy
+(no snapshot name) in ``mailsnap.json``. ``create``/``mount``/``destroy`` exist only to keep the
+``SnapshotBackend`` contract; the pipeline does not call them for this backend.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class LiveBackend:
     name: ClassVar[str] = "live"
     point_in_time: ClassVar[bool] = False
     needs_root: ClassVar[bool] = False
-    tools: ClassVar[tuple[str, ...]] = ()
+    # No snapshot tools, but every run's sweep lists mounts under the job's work directory.
+    tools: ClassVar[tuple[str, ...]] = ("findmnt",)
 
     def __init__(self, runner: Runner, job: JobBase) -> None:
         self.runner = runner

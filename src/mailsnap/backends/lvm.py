@@ -34,6 +34,7 @@ from mailsnap.errors import (
     MailsnapError,
     SnapshotInvalid,
     TeardownIncomplete,
+    parsing,
 )
 from mailsnap.mounts import SAFE_OPTIONS, find_mount, mounts_under, unmount
 from mailsnap.runner import Runner
@@ -92,6 +93,7 @@ class VolumeGroup:
     extent_size: int
 
 
+@parsing("lvs")
 def parse_lvs(stdout: str) -> list[LogicalVolume]:
     """Rows of ``lvs --reportformat json --units b --nosuffix -o LV_FIELDS``."""
     rows = _report_rows(stdout, "lv")
@@ -114,6 +116,7 @@ def parse_lvs(stdout: str) -> list[LogicalVolume]:
     ]
 
 
+@parsing("vgs")
 def parse_vgs(stdout: str) -> list[VolumeGroup]:
     """Rows of ``vgs --reportformat json --units b --nosuffix -o VG_FIELDS``."""
     return [

@@ -23,7 +23,13 @@ from typing import ClassVar
 from mailsnap.backends.base import OWNER_PREFIX, Snapshot, Volume, owned_by
 from mailsnap.backends.lvm import carries_marker
 from mailsnap.config import JobBase, ZfsJob, job_as
-from mailsnap.errors import BackendUnsuitable, CommandFailed, MailsnapError, TeardownIncomplete
+from mailsnap.errors import (
+    BackendUnsuitable,
+    CommandFailed,
+    MailsnapError,
+    TeardownIncomplete,
+    parsing,
+)
 from mailsnap.mounts import SAFE_OPTIONS, find_mount, mounts_under, unmount
 from mailsnap.runner import Runner
 
@@ -45,6 +51,7 @@ class Dataset:
     type: str
 
 
+@parsing("zfs list")
 def parse_zfs_list(stdout: str) -> list[Dataset]:
     """Rows of ``zfs list -H -p -o DATASET_FIELDS`` (tab-separated, no header)."""
     rows = []
