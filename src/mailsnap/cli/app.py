@@ -1,0 +1,168 @@
+"""The typer app, the options every command shares, and the one place errors become exit codes:
+
+    0 ok · 1 failed · 2 usage or config error · 3 job already in use (its session lock is held)
+    4 teardown incomplete (something may be left mounted, or a snapshot may remain)
+    130 interrupted (SIGINT/SIGTERM/SIGHUP; teardown ran, nothing was published)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import errno
+import json
+import logging
+import os
+from pathlib import Path
+import sys
+from typing import Annotated, NoReturn
+
+import typer
+
+from mailsnap import __version__
+from mailsnap.config import BACKEND_NAMES, DEFAULT_CONFIG, Job, load_config, one_off_job
+from mailsnap.errors import EXIT_FAILED, ConfigError, MailsnapError
+
+log = logging.getLogger("mailsnap")
+
+app = typer.Typer(
+    name="mailsnap",
+    help="Consistent backups of a live Dovecot Maildir store from btrfs/LVM/ZFS snapshots, "
+    "or with a Maildir-aware live copier where no snapshot is possible.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help=f"Config file (default {DEFAULT_CONFIG})."),
+]
+JobOpt = Annotated[
+    str | None,
+    typer.Option("--job", "-j", help="Only this job (with --source: the one-off job's name)."),
+]
+SourceOpt = Annotated[
+    Path | None, typer.Option("--source", help="One-off job: the live mail directory.")
+]
+TargetOpt = Annotated[
+    Path | None, typer.Option("--target", help="One-off job: where backups go.")
+]
+BackendOpt = Annotated[
+    str | None,
+    typer.Option("--backend", help=f"One-off job: {'|'.join(BACKEND_NAMES)} (default auto)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Debug logs and tracebacks.")]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option("--dry-run", "-n", help="Print the exact commands; change nothing."),
+]
+
+
+def setup_logging(debug: bool) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.getLogger("sh").setLevel(logging.WARNING)
+
+
+def fail(exc: BaseException, *, debug: bool, as_json: bool) -> NoReturn:
+    code = exc.exit_code if isinstance(exc, MailsnapError) else EXIT_FAILED
+    lines = exc.lines if isinstance(exc, ConfigError) else [str(exc) or type(exc).__name__]
+    if debug:
+        log.exception("mailsnap failed")
+    for line in lines:
+        typer.echo(f"mailsnap: error: {line}", err=True)
+    if as_json:
+        typer.echo(json.dumps({"status": "failed", "exit_code": code, "errors": lines}))
+    raise typer.Exit(code)
+
+
+def guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn:
+    """Run a command body; every error leaves through ``_fail`` with its documented code."""
+    setup_logging(debug)
+    try:
+        code = body()
+    except MailsnapError as exc:
+        fail(exc, debug=debug, as_json=as_json)
+    except OSError as exc:
+        if debug:
+            log.exception("mailsnap failed")
+        fail(MailsnapError(describe_os_error(exc)), debug=False, as_json=as_json)
+    raise typer.Exit(code)
+
+
+def select_jobs(
+    config: Path | None,
+    job: str | None,
+    source: Path | None,
+    target: Path | None,
+    backend: str | None,
+) -> list[Job]:
+    if source is not None or target is not None:
+        if source is None or target is None:
+            raise ConfigError("--source and --target go together; give both, or use --config")
+        if config is not None:
+            raise ConfigError("--config and --source/--target exclude each other; pick one")
+        return [
+            one_off_job(name=one_off_name(job), source=source, target=target,
+                        backend=backend or "auto")
+        ]
+    if backend is not None:
+        raise ConfigError("--backend only goes with --source/--target; set backend in the file")
+    return load_config(config or DEFAULT_CONFIG).select(job)
+
+
+def one_off_name(job: str | None) -> str:
+    # `--job ''` is a bad name to report, not a reason to fall back to the default.
+    return "mail" if job is None else job
+
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``[Errno 28] No space left on device: '/x'`` → one line that says what to do."""
+    where = os.fsdecode(exc.filename) if exc.filename is not None else "a file"
+    what = exc.strerror or str(exc)
+    hint = {
+        errno.ENOSPC: "free space on that file system",
+        errno.EDQUOT: "raise the quota or free space",
+        errno.EACCES: "run as root or fix the permissions",
+        errno.EPERM: "run as root or fix the permissions",
+        errno.EROFS: "the file system is read-only; remount it read-write or pick another "
+                     "target",
+        errno.ENAMETOOLONG: "a path is too long; check that the target is not inside the "
+                            "source",
+    }.get(exc.errno or 0, "check the path")
+    return f"{where}: {what}; {hint}"
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mailsnap {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
+    ] = False,
+) -> None:
+    """mailsnap."""
+
+
+def main() -> None:
+    """Console entry point. click already exits 2 on a usage error, as documented."""
+    app()
