@@ -100,17 +100,9 @@ class JobBase(_Model):
 
     @model_validator(mode="after")
     def _target_outside_source(self) -> JobBase:
-        source, target = _normal(self.source), _normal(self.target)
-        if target == source or source in target.parents:
-            raise ValueError(
-                f"target {str(self.target)!r} is inside source {str(self.source)!r}: "
-                "put backups on another path, or every backup would contain the previous ones"
-            )
-        if target in source.parents:
-            raise ValueError(
-                f"source {str(self.source)!r} is inside target {str(self.target)!r}: "
-                "choose a target outside the mail tree"
-            )
+        problem = nesting_problem(_normal(self.source), _normal(self.target))
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
@@ -248,6 +240,19 @@ def job_as(model: type[JobT], job: JobBase) -> JobT:
     (kind,) = get_args(model.model_fields["backend"].annotation)
     common = job.model_dump(include=set(JobBase.model_fields))
     return model.model_validate({**common, "backend": kind})
+
+
+def nesting_problem(source: Path, target: Path) -> str | None:
+    """Why ``source`` and ``target`` (both normalised) may not be used together, or None.
+    The config compares the paths as written; ``sources.check_target_outside_source`` compares
+    them again with symlinks resolved."""
+    if target == source or source in target.parents:
+        return (f"target {str(target)!r} is inside source {str(source)!r}: put backups on "
+                "another path, or every backup would contain the previous ones")
+    if target in source.parents:
+        return (f"source {str(source)!r} is inside target {str(target)!r}: choose a target "
+                "outside the mail tree")
+    return None
 
 
 def _normal(path: Path) -> Path:

@@ -34,11 +34,12 @@ from typing import IO, TypeVar
 from mailsnap.backends import make_backend
 from mailsnap.backends.base import SnapshotBackend, Volume
 from mailsnap.config import Job
-from mailsnap.errors import Interrupted, LockedError, MailsnapError, TeardownIncomplete
+from mailsnap.errors import Interrupted, LockedError, TeardownIncomplete
 from mailsnap.mounts import mounts_under, unmount
 from mailsnap.procs import release_mount
 from mailsnap.runner import Runner
 from mailsnap.signals import SignalGuard
+from mailsnap.store import make_private_dirs
 
 log = logging.getLogger(__name__)
 
@@ -190,23 +191,6 @@ def _try_lock(handle: IO[str], path: Path, job: Job) -> None:
         raise LockedError(
             f"job {job.name!r} is already running: {holder} holds {path}; wait for it to finish"
         ) from None
-
-
-def make_private_dirs(path: Path) -> None:
-    """Create ``path`` and its missing parents with mode 0700, and make ``path`` itself 0700
-    even if it existed (``mkdir -p`` would leave new parents at 0755)."""
-    missing = [d for d in (*reversed(path.parents), path) if not d.exists()]
-    for directory in missing:
-        try:
-            directory.mkdir(mode=0o700)
-        except FileExistsError:
-            pass  # made meanwhile by someone else: fine
-        except OSError as exc:
-            raise MailsnapError(
-                f"{directory}: cannot create it ({exc.strerror}); create it or fix the "
-                "permissions of its parent"
-            ) from None
-    os.chmod(path, 0o700)
 
 
 # -- the sweep -----------------------------------------------------------------------------

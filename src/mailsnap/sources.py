@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 import stat
 
+from mailsnap.config import nesting_problem
 from mailsnap.errors import ConfigError, SourceRejected
 from mailsnap.maildirs import is_maildir
 
@@ -81,17 +82,10 @@ def check_target_outside_source(source: Path, target: Path) -> None:
     """The config already compares the paths as written; this compares them with symlinks
     resolved, because a target that reaches into the source through a link makes a live copy
     copy its own output into itself until the names get too long."""
-    real_source, real_target = source.resolve(), target.resolve()
-    if real_target == real_source or real_source in real_target.parents:
-        raise ConfigError(
-            f"target {target} resolves to {real_target}, inside source {real_source}: put "
-            "backups on another path"
-        )
-    if real_target in real_source.parents:
-        raise ConfigError(
-            f"source {source} resolves to {real_source}, inside target {real_target}: choose a "
-            "target outside the mail tree"
-        )
+    problem = nesting_problem(source.resolve(), target.resolve())
+    if problem:
+        raise ConfigError(f"{problem} (with symlinks resolved: {source} → {source.resolve()}, "
+                          f"{target} → {target.resolve()})")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ failed run never touches the backups before it. Everything is mode 0700: backups
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -90,21 +90,9 @@ class BackupStore:
             handle.close()
 
     def _make_private_dirs(self) -> None:
-        missing = [d for d in (*reversed(self.root.parents), self.root) if not d.exists()]
-        for directory in missing:
-            try:
-                directory.mkdir(mode=0o700)
-            except FileExistsError:
-                pass  # made meanwhile by someone else: fine
-            except OSError as exc:
-                raise MailsnapError(
-                    f"target {directory}: cannot create it ({exc.strerror}); "
-                    "create it or fix the permissions of its parent"
-                ) from None
+        make_private_dirs(self.root)
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise MailsnapError(f"target {self.root}: not writable; run as root or fix its owner")
-        # The job directory is ours: keep it private even if it was created by hand.
-        os.chmod(self.root, 0o700)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -176,10 +164,15 @@ class BackupStore:
             self.discard(partial)
         return stale
 
-    def publish(self, partial: Path, manifest: dict[str, Any]) -> Backup:
+    def publish(
+        self, partial: Path, manifest: dict[str, Any], *,
+        on_commit: Callable[[], None] | None = None,
+    ) -> Backup:
         """Write the manifest, then rename ``<id>.partial`` → ``<id>`` and point ``latest`` at it.
         The rename is the commit point: before it nothing is published, after it the backup is
-        complete and durable (files and directories are fsync'ed first).
+        complete and durable (files and directories are fsync'ed first). ``on_commit`` runs
+        just before the rename (the pipeline stops signals from interrupting from there on).
+        Dry run: writes nothing, returns the backup it would publish.
         """
         final = self.root / partial.name.removesuffix(PARTIAL_SUFFIX)
         if self.dry_run:
@@ -194,6 +187,8 @@ class BackupStore:
         _sync_tree(partial)
         if final.exists():
             raise MailsnapError(f"{final} already exists; refusing to overwrite a backup")
+        if on_commit is not None:
+            on_commit()
         os.rename(partial, final)
         self._point_latest(final.name)
         _fsync_dir(self.root)
@@ -228,3 +223,21 @@ def _sync_tree(path: Path) -> None:
         os.sync()
     finally:
         os.close(fd)
+
+
+def make_private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents with mode 0700, and make ``path`` itself 0700
+    even if it existed (it is ours: users' mail, or the mount point of a snapshot of it).
+    ``mkdir -p`` would leave the new parents at 0755."""
+    missing = [d for d in (*reversed(path.parents), path) if not d.exists()]
+    for directory in missing:
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # made meanwhile by someone else: fine
+        except OSError as exc:
+            raise MailsnapError(
+                f"{directory}: cannot create it ({exc.strerror}); create it or fix the "
+                "permissions of its parent"
+            ) from None
+    os.chmod(path, 0o700)
