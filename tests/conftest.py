@@ -68,3 +68,11 @@ def btrfs(tmp_path: Path) -> Iterator[BtrfsVolume]:
 def need_rsync() -> None:
     if shutil.which("rsync") is None:
         pytest.skip("rsync is not installed (scripts/test installs it when run as root)")
+
+
+@pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run reports go to the test's own directory, never to /var/lib/mailsnap (the default as
+    root); a subprocess inherits it through the environment."""
+    if "MAILSNAP_STATE_DIR" not in os.environ:
+        monkeypatch.setenv("MAILSNAP_STATE_DIR", str(tmp_path / "state"))

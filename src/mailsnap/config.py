@@ -9,13 +9,23 @@ Errors come back as ``ConfigError`` with one line per bad field, e.g. ``job[0].t
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import timedelta
 import os
 from pathlib import Path
 import re
 import tomllib
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mailsnap.errors import ConfigError
 
@@ -37,6 +47,48 @@ def default_run_dir() -> Path:
         return Path("/run/mailsnap")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     return Path(runtime) / "mailsnap" if runtime else Path(f"/tmp/mailsnap-{os.geteuid()}")
+
+
+def default_state_dir() -> Path:
+    """Where mailsnap keeps run reports: ``$MAILSNAP_STATE_DIR``, else ``/var/lib/mailsnap`` as
+    root, else ``$XDG_STATE_HOME/mailsnap`` or ``~/.local/state/mailsnap``."""
+    if os.environ.get("MAILSNAP_STATE_DIR"):
+        return Path(os.environ["MAILSNAP_STATE_DIR"])
+    if os.geteuid() == 0:
+        return Path("/var/lib/mailsnap")
+    state = os.environ.get("XDG_STATE_HOME")
+    return Path(state) / "mailsnap" if state else Path.home() / ".local/state/mailsnap"
+
+
+def parse_age(value: object) -> object:
+    """``"26h"``, ``"90m"``, ``"2d"``, ``"45s"`` (or a plain number of seconds) → timedelta."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", value)
+        if not match:
+            raise ValueError(f"must be an age like '26h', '90m' or '2d', got {value!r}")
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+        return timedelta(**{unit: float(match.group(1))})
+    return value
+
+
+def _hook_not_string(value: object) -> object:
+    if isinstance(value, str):
+        raise ValueError(f"a hook is an argv list, not a string: [{value!r}] runs a program of "
+                         "that name; split it yourself, or use [\"sh\", \"-c\", \"...\"]")
+    return value
+
+
+def _hook_argv(value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    if value is not None and (not value or not value[0].strip()):
+        raise ValueError("a hook is an argv list with the program first, e.g. "
+                         "[\"/usr/local/sbin/flush-mail\", \"--now\"]")
+    return value
+
+
+# A hook is an argv list (["doveadm", "flush"]): no shell parses it, so a path or argument
+# with spaces needs no quoting and nothing in it is interpreted.
+Hook = Annotated[tuple[str, ...] | None, BeforeValidator(_hook_not_string),
+                 AfterValidator(_hook_argv)]
 
 
 class _Model(BaseModel):
@@ -71,6 +123,79 @@ class JobBase(_Model):
         "rotate the good history away); `backup --allow-shrink` publishes it anyway. 0 turns "
         "the guard off.",
     )
+    before_snapshot: Hook = Field(
+        default=None,
+        description="Command (an argv list, no shell) run right before the snapshot is taken, "
+        "e.g. to flush or freeze something; if it fails, no snapshot is taken and the run "
+        "fails. Not run for a live copy (there is no snapshot instant).",
+    )
+    after_snapshot: Hook = Field(
+        default=None,
+        description="Command run right after the snapshot is taken; it always runs once "
+        "before_snapshot succeeded, even if taking the snapshot failed or mailsnap was "
+        "interrupted. Not run for a live copy.",
+    )
+    on_success: Hook = Field(
+        default=None,
+        description="Command run after a successful backup ($MAILSNAP_BACKUP is its path). "
+        "If it fails the run fails, but the backup stays published.",
+    )
+    on_failure: Hook = Field(
+        default=None,
+        description="Command run after a failed or interrupted run ($MAILSNAP_ERROR says "
+        "why). If it fails too, that is logged and the run's own error is kept.",
+    )
+    hook_timeout: float = Field(
+        default=300.0, gt=0, le=86400,
+        description="Seconds a hook may run before it is killed (and counts as failed).",
+    )
+    state_dir: Path | None = Field(
+        default=None,
+        description="Directory for run reports, kept in <state_dir>/<job>/ (default "
+        "/var/lib/mailsnap as root; $MAILSNAP_STATE_DIR overrides the default).",
+    )
+    keep_reports: int = Field(
+        default=30, ge=1, le=10000,
+        description="How many run reports to keep in the job's state directory.",
+    )
+    max_age: Annotated[timedelta, BeforeValidator(parse_age)] = Field(
+        default=timedelta(hours=26), gt=timedelta(0),
+        description="`mailsnap status` warns (exit 1) when the newest backup is older than "
+        "this: '26h', '90m', '2d'.",
+    )
+    metrics_file: Path | None = Field(
+        default=None,
+        description="Prometheus textfile-collector file (e.g. /var/lib/node_exporter/"
+        "mailsnap.prom) rewritten after every run; jobs may share one file.",
+    )
+    notify: tuple[str, ...] = Field(
+        default=(),
+        description="Alert URLs (apprise syntax: 'mailtos://user:pass@smtp.example.org', "
+        "'ntfy://…'; 'sendmail://admin@example.org' for the local sendmail).",
+    )
+    notify_on: Literal["failure", "always"] = Field(
+        default="failure", description="Send alerts on 'failure' only, or 'always'.",
+    )
+    healthcheck_url: str | None = Field(
+        default=None,
+        description="healthchecks.io-style ping URL: <url>/start when a run starts, <url> on "
+        "success, <url>/fail (with the log tail) on failure.",
+    )
+
+    @field_validator("notify")
+    @classmethod
+    def _urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://\S*", url):
+                raise ValueError(f"{url!r} is not a URL like 'mailto://…' or 'ntfy://…'")
+        return value
+
+    @field_validator("healthcheck_url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://\S+", value):
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value.rstrip("/") if value else value
 
     @field_validator("name")
     @classmethod
@@ -83,7 +208,7 @@ class JobBase(_Model):
             )
         return value
 
-    @field_validator("source", "target", "run_dir")
+    @field_validator("source", "target", "run_dir", "state_dir", "metrics_file")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_absolute():
@@ -113,6 +238,11 @@ class JobBase(_Model):
     def work_dir(self) -> Path:
         """This job's private directory for mount points: ``<run_dir>/<job>``."""
         return (self.run_dir or default_run_dir()) / self.name
+
+    @property
+    def state_path(self) -> Path:
+        """This job's run reports: ``<state_dir>/<job>``."""
+        return (self.state_dir or default_state_dir()) / self.name
 
 
 class BtrfsJob(JobBase):

@@ -81,6 +81,12 @@ class TargetFull(MailsnapError):
     """The target file system ran out of space or inodes."""
 
 
+class HookFailed(MailsnapError):
+    """A configured hook (``before_snapshot``, ``after_snapshot``, ``on_success``) exited
+    non-zero or timed out. The message names the hook and says whether a backup was published
+    anyway (a published backup stays published)."""
+
+
 class ToolOutputError(MailsnapError):
     """An external tool printed something mailsnap could not parse."""
 

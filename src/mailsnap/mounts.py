@@ -9,6 +9,7 @@ from pathlib import Path
 import time
 
 from mailsnap.errors import CommandFailed, MailsnapError, parsing
+from mailsnap.procs import holders
 from mailsnap.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,15 @@ def is_mounted(runner: Runner, mountpoint: Path) -> bool:
     return result.exit_code == 0 and bool(_parse(result.stdout))
 
 
+def _users(mountpoint: Path) -> str:
+    """Who keeps ``mountpoint`` busy, for the error that gives up on it (read-only)."""
+    found = holders(mountpoint)
+    if not found:
+        return (f"find the user with `fuser -vm {mountpoint}` and unmount it by hand")
+    return ("in use by " + ", ".join(h.describe() for h in found) +
+            "; stop them, and the next run unmounts it")
+
+
 def unmount(runner: Runner, mountpoint: Path, *, attempts: int = 5, delay: float = 1.0) -> None:
     """Unmount ``mountpoint``; nothing mounted there is success. A busy mount (a process still
     has a file open, e.g. an indexer) is retried ``attempts`` times before giving up, because a
@@ -112,8 +122,7 @@ def unmount(runner: Runner, mountpoint: Path, *, attempts: int = 5, delay: float
                     exc.argv,
                     exc.exit_code_of_command,
                     exc.stderr,
-                    hint=f"still mounted at {mountpoint}; find the user with "
-                    f"`fuser -vm {mountpoint}` and unmount it by hand",
+                    hint=f"still mounted at {mountpoint}; {_users(mountpoint)}",
                 ) from None
             log.warning("%s is busy; retrying umount (%d/%d)", mountpoint, attempt, attempts)
             time.sleep(delay * attempt)

@@ -30,12 +30,15 @@ import socket
 import time
 from typing import Any
 
-from mailsnap import __version__
+from mailsnap import __version__, progress
 from mailsnap.backends.base import Snapshot, snapshot_name
 from mailsnap.config import Job
 from mailsnap.copiers import make_copier
 from mailsnap.errors import CopyFailed, ShrinkRefused, TargetFull
+from mailsnap.faults import fault_point
+from mailsnap.hooks import Hooks
 from mailsnap.maildirs import survey
+from mailsnap.recorder import time_snapshot
 from mailsnap.runner import Runner
 from mailsnap.session import Session, job_session, stage
 from mailsnap.signals import signals_unwind
@@ -107,11 +110,16 @@ def open_view(session: Session, run_id: str) -> View:
             "(messages are re-found by base name when Dovecot renames or moves them)",
             job.source,
         )
+        if job.before_snapshot or job.after_snapshot:
+            log.info("hooks before_snapshot/after_snapshot: not run for a live copy (there is "
+                     "no snapshot instant; see mailsnap.hooks)")
         identity = SourceIdentity.of(job.source)
         return View(job.source, None, identity.verify)
-    with stage("snapshot"):
+    time_snapshot(session.stack)  # the report's snapshot hold time: from here to its teardown
+    with Hooks(job, runner, run_id).around_snapshot(), stage("snapshot"):
         snapshot = backend.create(session.volume, name)
         session.undo(f"destroy snapshot {name}", lambda: backend.destroy(snapshot))
+    fault_point("after-snapshot")
     with stage("mount"):
         mountpoint = job.work_dir / "snapshot"
         if not runner.dry_run:
@@ -119,7 +127,22 @@ def open_view(session: Session, run_id: str) -> View:
         session.undo(f"remove {mountpoint}", lambda: _remove_mountpoint(mountpoint, runner))
         path = backend.mount(snapshot, mountpoint)
         session.undo(f"unmount {mountpoint}", lambda: backend.unmount(snapshot, mountpoint))
+    fault_point("after-mount")
     return View(path, snapshot, lambda: backend.check_healthy(snapshot))
+
+
+def _watched(check: Callable[[], None]) -> Callable[[], None]:
+    """``check`` as the copier's watch, with the ``mid-copy`` fault point on its first call
+    (the copy is running then: the runner calls a watch only while rsync is alive)."""
+    first = [True]
+
+    def watch() -> None:
+        if first[0]:
+            first[0] = False
+            fault_point("mid-copy")
+        check()
+
+    return watch
 
 
 def _remove_mountpoint(path: Path, runner: Runner) -> None:
@@ -131,8 +154,22 @@ def _remove_mountpoint(path: Path, runner: Runner) -> None:
 def run_backup(
     job: Job, runner: Runner, *, clock: Clock = utc_now, allow_shrink: bool = False
 ) -> BackupReport:
-    """One backup of ``job``: stages 0–7. Raises a ``MailsnapError`` subclass on failure.
-    Dry run: discovery and read-only walks run; every change is only printed."""
+    """One backup of ``job``: stages 0–7, then its ``on_success`` or ``on_failure`` hook.
+    Raises a ``MailsnapError`` subclass on failure. Dry run: discovery and read-only walks
+    run; every change (and every hook) is only printed."""
+    hooks = Hooks(job, runner)
+    try:
+        report = _run_backup(job, runner, hooks, clock=clock, allow_shrink=allow_shrink)
+    except BaseException as exc:
+        hooks.failed(exc)
+        raise
+    hooks.succeeded(report.backup)
+    return report
+
+
+def _run_backup(
+    job: Job, runner: Runner, hooks: Hooks, *, clock: Clock, allow_shrink: bool
+) -> BackupReport:
     started_at = clock()
     started = time.monotonic()
     with stage("check source"):
@@ -145,13 +182,17 @@ def run_backup(
             session.enter(store.locked())
         store.sweep_partials()
         run_id = store.new_run_id(clock())
+        hooks.run_id = run_id
         view = open_view(session, run_id)
         copier = make_copier(
             point_in_time=view.point_in_time,
             runner=runner,
             max_passes=getattr(job, "max_passes", 10),
+            progress=progress.current().reporter(),
         )
         previous = store.latest()
+        if previous is not None:  # about as much as last time: the display can show time left
+            progress.current().expect(_recorded(previous, "files"), _recorded(previous, "bytes"))
         partial = store.begin(run_id)
         # Unwinds first: an unpublished .partial goes before the snapshot does. After publish
         # the .partial name no longer exists and this is a no-op.
@@ -163,11 +204,13 @@ def run_backup(
                     partial / CONTENT,
                     previous=previous.content if previous else None,
                     excludes=job.excludes,
-                    watch=view.check,
+                    watch=_watched(view.check),
                 )
             except CopyFailed:
                 view.check()  # "cannot read …" because the volume went away: say that instead
                 raise
+        progress.current().copied(stats.files, stats.bytes)
+        fault_point("after-copy")
         with stage("verify snapshot" if view.point_in_time else "verify source"):
             view.check()
         estimated = runner.dry_run and view.point_in_time
@@ -201,7 +244,10 @@ def run_backup(
             "mailsnap_version": __version__,
         }
         with stage("publish"), full_target_explained(store.root):
-            backup = store.publish(partial, manifest)
+            # From the rename on the backup is published: a signal then must not fail (or
+            # seem to un-publish) it; the run finishes and tears down as on success.
+            backup = store.publish(partial, manifest,
+                                   on_commit=lambda: guard.defer("publishing the backup"))
     if not runner.dry_run:
         log.info("backup %s published (%d messages, %d files, %d bytes, %d hard-linked)",
                  backup.path, counted.messages, stats.files, stats.bytes, stats.linked)
@@ -222,6 +268,11 @@ def run_backup(
         dry_run=runner.dry_run,
         estimated=estimated,
     )
+
+
+def _recorded(backup: Backup, key: str) -> int:
+    value = backup.manifest.get(key)
+    return value if isinstance(value, int) else 0
 
 
 def _messages_in(backup: Backup, job: Job) -> int:

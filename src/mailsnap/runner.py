@@ -98,6 +98,8 @@ class Runner:
         on_wait: Callable[[], None] | None = None,
         poll_interval: float = 5.0,
         passthrough: bool = False,
+        stdin: str | None = None,
+        on_output: Callable[[str], None] | None = None,
     ) -> Result:
         """Run ``argv`` and return its output, or raise ``CommandFailed``.
 
@@ -107,10 +109,13 @@ class Runner:
         ``on_wait`` is called every ``poll_interval`` seconds while the command runs (e.g. to
         watch an LVM snapshot's COW space); if it raises, the command is stopped and the error
         propagates. ``passthrough`` connects the command to our stdin/stdout/stderr instead of
-        capturing its output (for a user's own command). If this process is interrupted while
+        capturing its output (for a user's own command); ``stdin`` is text fed to the command
+        (a mail for ``sendmail -t``). If this process is interrupted while
         the command runs, the child is stopped first (SIGTERM, then SIGKILL, to its whole process
         group) and the interruption propagates, so teardown can start. If mailsnap dies without
-        a chance to stop it (``kill -9``), the kernel kills the child.
+        a chance to stop it (``kill -9``), the kernel kills the child. ``on_output`` gets the
+        command's stdout as it arrives, in chunks of any size (rsync's progress); the Result
+        still holds all of it.
         """
         args = tuple(os.fspath(a) for a in argv)
         line = shlex.join(args)
@@ -144,6 +149,28 @@ class Runner:
         }
         if passthrough:
             kwargs.update(_out=sys.stdout, _err=sys.stderr, _in=sys.stdin)
+        elif stdin is not None:
+            kwargs["_in"] = stdin  # e.g. the message for `sendmail -t`
+        streamed: list[str] = []
+        if on_output is not None and not passthrough:
+            stream = on_output
+            failed: list[bool] = []
+
+            # With an _out callback sh keeps no stdout of its own: collect it here. One
+            # parameter exactly: sh passes more arguments to a callback that takes more.
+            def _chunk(data: str) -> None:
+                streamed.append(data)
+                if failed:
+                    return
+                try:
+                    stream(data)
+                except Exception:
+                    # An exception would end sh's reader thread, and the child would block on
+                    # a full pipe forever; a broken progress display must not stop a backup.
+                    log.exception("on_output of %s failed; no more progress from it", line)
+                    failed.append(True)
+
+            kwargs.update(_out=_chunk, _out_bufsize=256)
         if env is not None or self.owner is not None:
             # sh's _env replaces the whole environment: callers that pass one pass it complete,
             # and the marker goes into a copy of ours otherwise.
@@ -182,7 +209,8 @@ class Runner:
         duration = time.monotonic() - start
         exit_code = int(process.exit_code or 0)
         log.info("%s  (%.2fs)", line, duration)
-        result = Result(args, _text(process.stdout), _text(process.stderr), exit_code, duration)
+        stdout = "".join(streamed) if on_output is not None else _text(process.stdout)
+        result = Result(args, stdout, _text(process.stderr), exit_code, duration)
         self.history.append(result)
         return result
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 import contextlib
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import fcntl
 import logging
 import os
@@ -31,12 +31,14 @@ from pathlib import Path
 import time
 from typing import IO, TypeVar
 
+from mailsnap import progress
 from mailsnap.backends import make_backend
 from mailsnap.backends.base import SnapshotBackend, Volume
 from mailsnap.config import Job
 from mailsnap.errors import Interrupted, LockedError, TeardownIncomplete
 from mailsnap.mounts import mounts_under, unmount
 from mailsnap.procs import release_mount
+from mailsnap.recorder import record_stage
 from mailsnap.runner import Runner
 from mailsnap.signals import SignalGuard
 from mailsnap.store import make_private_dirs
@@ -69,10 +71,16 @@ class Teardown:
 
 @contextlib.contextmanager
 def stage(name: str) -> Iterator[None]:
-    """One log line per stage with how long it took."""
+    """One log line per stage with how long it took; the run's report gets it too."""
     started = time.monotonic()
     log.debug("%s: starting", name)
-    yield
+    progress.current().stage(name)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        record_stage(name, time.monotonic() - started, ok=ok)
     log.info("%s: done (%.2fs)", name, time.monotonic() - started)
 
 
@@ -87,6 +95,9 @@ class Session:
     volume: Volume
     stack: contextlib.ExitStack
     teardown: Teardown
+    # What the sweep on entry removed (or, in dry run, would remove): ``mailsnap cleanup``
+    # reports it.
+    swept: list[str] = field(default_factory=list)
 
     @property
     def dry_run(self) -> bool:
@@ -126,13 +137,13 @@ def job_session(
                     log.info("discover: %s: backend %s, %s", job.source, backend.name,
                              volume.device or "no snapshot (live copy)")
                 with stage("sweep"):
-                    sweep(job, runner, backend, volume)
+                    swept = sweep(job, runner, backend, volume)
                 if not runner.dry_run:
                     # Pushed first, so it runs last: after every undo, nothing of the job may
                     # remain. A step that failed above gets a second try here.
                     teardown.push(stack, "final sweep",
                                   lambda: _final_sweep(job, runner, backend, volume))
-                yield Session(job, runner, backend, volume, stack, teardown)
+                yield Session(job, runner, backend, volume, stack, teardown, swept)
             finally:
                 guard.defer()
     except Interrupted as exc:

@@ -24,18 +24,22 @@ class SignalGuard:
     def __init__(self) -> None:
         self.received: str | None = None
         self.deferring = False
+        self.busy_with = "teardown"
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.deferring or self.received is not None:
-            log.warning("%s received during teardown; finishing teardown first", name)
+            log.warning("%s received during %s; finishing it first", name, self.busy_with)
             return
         self.received = name
         log.warning("%s received; stopping and tearing down", name)
         raise Interrupted(name)
 
-    def defer(self) -> None:
-        """From now on (teardown), signals no longer interrupt."""
+    def defer(self, busy_with: str = "teardown") -> None:
+        """From now on (teardown, or a backup already published), signals no longer
+        interrupt; the first reason given is the one logged."""
+        if not self.deferring:
+            self.busy_with = busy_with
         self.deferring = True
 
 

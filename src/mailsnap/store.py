@@ -24,6 +24,7 @@ from typing import Any
 
 from mailsnap.backends.base import RUN_ID_RE
 from mailsnap.errors import LockedError, MailsnapError
+from mailsnap.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +188,28 @@ class BackupStore:
         _sync_tree(partial)
         if final.exists():
             raise MailsnapError(f"{final} already exists; refusing to overwrite a backup")
+        fault_point("mid-publish")
         if on_commit is not None:
             on_commit()
         os.rename(partial, final)
+        fault_point("after-rename")
         self._point_latest(final.name)
         _fsync_dir(self.root)
         return Backup(final, manifest)
+
+    def repair_latest(self) -> str | None:
+        """Point ``latest`` at the newest published backup if it points elsewhere (a run
+        killed between its rename and the switch of ``latest``). Returns what it changed, or
+        None. Dry run: returns what it would change, changes nothing."""
+        newest = self.latest()
+        link = self.root / LATEST
+        current = os.readlink(link) if link.is_symlink() else None
+        if newest is None or current == newest.run_id:
+            return None
+        if not self.dry_run:
+            self._point_latest(newest.run_id)
+            _fsync_dir(self.root)
+        return f"{LATEST} -> {newest.run_id} (was {current or 'missing'})"
 
     def _point_latest(self, name: str) -> None:
         link = self.root / LATEST

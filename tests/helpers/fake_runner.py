@@ -74,6 +74,7 @@ class FakeRunner(Runner):
         on_wait: Callable[[], None] | None = None,
         poll_interval: float = 5.0,
         passthrough: bool = False,
+        on_output: Callable[[str], None] | None = None,
     ) -> Result:
         args = tuple(os.fspath(a) for a in argv)
         if mutates and self.dry_run:

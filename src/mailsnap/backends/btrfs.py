@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from mailsnap.backends.base import OWNER_PREFIX, Snapshot, Volume, owned_by
 from mailsnap.config import JobBase
-from mailsnap.errors import BackendUnsuitable, MailsnapError
+from mailsnap.errors import BackendUnsuitable, CommandFailed, MailsnapError
 from mailsnap.mounts import SAFE_OPTIONS, find_mount, unmount
 from mailsnap.runner import Runner
 
@@ -171,9 +171,21 @@ class BtrfsBackend:
                 self.runner.run(["btrfs", "subvolume", "delete", path], mutates=True)
 
     def list_owned(self, volume: Volume, job: str) -> list[Snapshot]:
-        """Snapshots in ``.mailsnap/`` whose names carry this job's marker (read-only)."""
+        """Snapshots in ``.mailsnap/`` whose names carry this job's marker (read-only).
+        Listed through the source; when the source is gone (unmounted during the run, so the
+        final sweep would fail), through the file system's top level, mounted for a moment.
+        Dry run: through the source only (the top-level mount is not made)."""
+        try:
+            paths = self._subvolumes(volume.source)
+        except CommandFailed:
+            if self.runner.dry_run:
+                raise
+            log.warning("%s is gone; listing snapshots through the top level of %s",
+                        volume.source, volume.device)
+            with self._top_level(volume.device) as top:
+                paths = self._subvolumes(top)
         found = []
-        for path in self._subvolumes(volume.source):
+        for path in paths:
             if path.parent == PurePosixPath("/", SNAPSHOT_DIR) and owned_by(path.name, job):
                 found.append(
                     Snapshot(backend=self.name, name=path.name, volume=volume,

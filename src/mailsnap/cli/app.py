@@ -16,9 +16,10 @@ from pathlib import Path
 import sys
 from typing import Annotated, NoReturn
 
+from rich.logging import RichHandler
 import typer
 
-from mailsnap import __version__
+from mailsnap import __version__, progress
 from mailsnap.config import BACKEND_NAMES, DEFAULT_CONFIG, Job, load_config, one_off_job
 from mailsnap.errors import EXIT_FAILED, ConfigError, MailsnapError
 
@@ -59,14 +60,40 @@ DryRunOpt = Annotated[
 ]
 
 
-def setup_logging(debug: bool) -> None:
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Only errors: no log lines, no progress display.")
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug log lines.")]
+
+
+def log_level(*, debug: bool = False, verbose: bool = False, quiet: bool = False) -> int:
+    """The stderr level the flags ask for; ``--debug`` implies ``--verbose``, and either wins
+    over ``--quiet`` (asking for detail is the more deliberate request)."""
+    if debug or verbose:
+        return logging.DEBUG
+    return logging.ERROR if quiet else logging.INFO
+
+
+def setup_logging(debug: bool, level: int | None = None) -> None:
+    """Log lines go to stderr from ``level`` up (INFO by default, DEBUG with ``debug``). The
+    loggers stay at INFO or below, so a run's report collects its lines even under --quiet.
+    On a terminal they go through rich's handler on the console the progress display draws
+    on, so a log line is printed above the progress line instead of tearing it."""
+    shown = level if level is not None else (logging.DEBUG if debug else logging.INFO)
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    handler: logging.Handler
+    if progress.on_terminal():
+        handler = RichHandler(console=progress.stderr_console(), show_path=False, markup=False,
+                              log_time_format="%H:%M:%S")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                               "%H:%M:%S"))
+    handler.setLevel(shown)
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.setLevel(min(shown, logging.INFO))
     logging.getLogger("sh").setLevel(logging.WARNING)
 
 
@@ -82,9 +109,12 @@ def fail(exc: BaseException, *, debug: bool, as_json: bool) -> NoReturn:
     raise typer.Exit(code)
 
 
-def guarded(debug: bool, as_json: bool, body: Callable[[], int]) -> NoReturn:
-    """Run a command body; every error leaves through ``_fail`` with its documented code."""
-    setup_logging(debug)
+def guarded(
+    debug: bool, as_json: bool, body: Callable[[], int], level: int | None = None
+) -> NoReturn:
+    """Run a command body; every error leaves through ``_fail`` with its documented code.
+    ``level``: what stderr shows (see ``log_level``)."""
+    setup_logging(debug, level)
     try:
         code = body()
     except MailsnapError as exc:

@@ -14,10 +14,13 @@ from mailsnap.cli.app import (
     DebugOpt,
     DryRunOpt,
     JobOpt,
+    QuietOpt,
     SourceOpt,
+    VerboseOpt,
     app,
     guarded,
     log,
+    log_level,
     one_off_name,
     select_jobs,
 )
@@ -40,6 +43,8 @@ def snapshot(
     ] = None,
     dry_run: DryRunOpt = False,
     debug: DebugOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Take a consistent read-only snapshot, run a command with its path in $MAILSNAP_SNAPSHOT,
     tear down. The command: --exec 'CMD ARGS' or everything after `--`."""
@@ -63,7 +68,7 @@ def snapshot(
             return EXIT_FAILED
         return EXIT_OK
 
-    guarded(debug, False, body)
+    guarded(debug, False, body, log_level(debug=debug, verbose=verbose, quiet=quiet))
 
 
 def _private_target() -> Path:

@@ -6,6 +6,8 @@ asks ``make_copier`` and never knows which one it got.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from mailsnap.copiers.base import Copier, CopyStats
 from mailsnap.copiers.maildir import MaildirCopier
 from mailsnap.copiers.rsync import RsyncCopier
@@ -14,8 +16,12 @@ from mailsnap.runner import Runner
 __all__ = ["Copier", "CopyStats", "MaildirCopier", "RsyncCopier", "make_copier"]
 
 
-def make_copier(*, point_in_time: bool, runner: Runner, max_passes: int = 10) -> Copier:
-    """rsync is only safe on a frozen tree; a live tree needs the Maildir-aware copier."""
+def make_copier(
+    *, point_in_time: bool, runner: Runner, max_passes: int = 10,
+    progress: Callable[[int, int], None] | None = None,
+) -> Copier:
+    """rsync is only safe on a frozen tree; a live tree needs the Maildir-aware copier.
+    ``progress`` gets (files, bytes) as the copy goes."""
     if point_in_time:
-        return RsyncCopier(runner)
-    return MaildirCopier(runner, max_passes=max_passes)
+        return RsyncCopier(runner, progress=progress)
+    return MaildirCopier(runner, max_passes=max_passes, progress=progress)

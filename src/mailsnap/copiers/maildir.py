@@ -48,10 +48,14 @@ from mailsnap.runner import Runner
 
 log = logging.getLogger(__name__)
 
+Progress = Callable[[int, int], None]
+
 MESSAGE_DIRS = ("new", "cur")  # in this order: Dovecot only ever moves new/ → cur/
 INFO_SEPARATOR = ":"  # Maildir's "NAME:2,FLAGS"; Dovecot's maildir_info_separator default
 RELIST_ATTEMPTS = 5
 WATCH_INTERVAL = 5.0
+# A terminal redraws ten times a second; reporting more often only costs time per file.
+PROGRESS_INTERVAL = 0.1
 CHUNK = 1 << 20
 # Above both, the "vanished" count is a warning, not an INFO line (see vanished_is_abnormal).
 VANISHED_WARN_MIN = 20
@@ -88,10 +92,13 @@ class _Folder:
 class MaildirCopier:
     name: ClassVar[str] = "maildir"
 
-    def __init__(self, runner: Runner, *, max_passes: int = 10, quiet_passes: int = 2) -> None:
+    def __init__(self, runner: Runner, *, max_passes: int = 10, quiet_passes: int = 2,
+                 progress: Progress | None = None) -> None:
         self.runner = runner
         self.max_passes = max_passes
         self.quiet_passes = quiet_passes
+        # Called with (files, bytes) so far: often during a pass, and once after each pass.
+        self.progress = progress
 
     def copy(
         self,
@@ -108,13 +115,16 @@ class MaildirCopier:
         ``max_passes`` (under steady delivery new mail keeps arriving; mail delivered after the
         backup started is not owed to this backup, and the log says how much was still arriving).
         """
-        run = _Run(source, dest, previous, ExcludeMatcher(excludes), self.runner.dry_run, watch)
+        run = _Run(source, dest, previous, ExcludeMatcher(excludes), self.runner.dry_run, watch,
+                   self.progress)
         quiet = 0
         started = time.monotonic()
         new = 0
         for number in range(1, self.max_passes + 1):
             new = run.one_pass()
             run.stats.passes = number
+            if self.progress is not None:
+                self.progress(run.stats.files, run.stats.bytes)
             log.info("live copy pass %d: %d new files", number, new)
             if self.runner.dry_run:
                 break
@@ -169,7 +179,10 @@ class _Run:
         excludes: ExcludeMatcher,
         dry_run: bool,
         watch: Callable[[], None] | None,
+        progress: Progress | None = None,
     ) -> None:
+        self.progress = progress
+        self.last_progress = time.monotonic()
         self.source = source
         self.dest = dest
         self.previous = previous
@@ -341,6 +354,7 @@ class _Run:
         self.stats.files += 1
         self.stats.bytes += info.st_size
         self.stats.linked += 1
+        self._report()
         if not self.dry_run:
             os.link(old, self.dest / rel)
         return True
@@ -397,6 +411,7 @@ class _Run:
         (the copy of the same source inode: Dovecot's COPY hard-links messages)."""
         self.stats.files += 1
         self.stats.bytes += info.st_size
+        self._report()
         if self.dry_run:
             return
         target = self.dest / rel
@@ -451,6 +466,12 @@ class _Run:
                 continue  # the top is the backup's own mail/ directory; its time is the run's
             info = self.directories[rel]
             os.utime(self.dest / rel, ns=(info.st_atime_ns, info.st_mtime_ns))
+
+    def _report(self) -> None:
+        if self.progress is not None and time.monotonic() - self.last_progress >= \
+                PROGRESS_INTERVAL:
+            self.last_progress = time.monotonic()
+            self.progress(self.stats.files, self.stats.bytes)
 
     def _maybe_watch(self) -> None:
         if self.watch is not None and time.monotonic() - self.last_watch > WATCH_INTERVAL:

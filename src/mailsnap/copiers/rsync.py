@@ -26,12 +26,15 @@ from typing import ClassVar
 
 # The module, not its names: mailsnap.maildirs imports mailsnap.copiers.excludes, so importing
 # it first runs this package's __init__, which imports this module before maildirs has finished.
-from mailsnap import maildirs
+from mailsnap import faults, maildirs
 from mailsnap.copiers.base import CopyStats
 from mailsnap.errors import CommandFailed, CopyFailed
 from mailsnap.runner import Runner
 
 log = logging.getLogger(__name__)
+
+# How often ``watch`` runs while rsync copies (a fault matrix run makes it shorter).
+WATCH_INTERVAL = 5.0
 
 # rsync exit codes worth explaining; 24 ("vanished") cannot happen on a snapshot, so it is an
 # error here too: it would mean the source was not frozen.
@@ -80,8 +83,11 @@ def _rules_file(rules: Sequence[str]) -> Iterator[Path]:
 class RsyncCopier:
     name: ClassVar[str] = "rsync"
 
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, *,
+                 progress: Callable[[int, int], None] | None = None) -> None:
         self.runner = runner
+        # Given (files checked, bytes) as rsync goes; only then is rsync asked for progress.
+        self.progress = progress
 
     def argv(
         self,
@@ -94,6 +100,8 @@ class RsyncCopier:
         """The rsync command. ``exclude_from``: a NUL-separated rules file (the Maildir
         ``tmp/`` rules), read with ``--from0``."""
         argv = ["rsync", "-aHAX", "--numeric-ids", "--stats"]
+        if self.progress is not None:
+            argv.append("--info=progress2")  # one overall line, redrawn; read by _Progress2
         if previous is not None:
             argv.append(f"--link-dest={previous}")
         if exclude_from is not None:
@@ -137,13 +145,39 @@ class RsyncCopier:
                 rules_path = stack.enter_context(_rules_file(rules))
             argv = self.argv(source, dest, previous, excludes, exclude_from=rules_path)
             try:
-                result = self.runner.run(argv, mutates=True, timeout=None, on_wait=watch)
+                result = self.runner.run(
+                    argv, mutates=True, timeout=None, on_wait=watch,
+                    poll_interval=faults.poll_interval(WATCH_INTERVAL),
+                    on_output=_Progress2(self.progress) if self.progress else None)
             except CommandFailed as exc:
                 hint = EXIT_HINTS.get(exc.exit_code_of_command or 0, "")
                 raise CopyFailed(
                     f"copy failed: {exc}" + (f" ({hint})" if hint else "")
                 ) from None
         return parse_stats(result.stdout)
+
+
+# "  1,234,567  45%   12.34MB/s    0:00:10 (xfr#123, to-chk=456/789)"; to-chk counts down
+# the entries (files, directories, links) still to check out of those listed so far.
+PROGRESS2_RE = re.compile(r"^\s*([\d,]+)\s+\d+%.*?to-chk=(\d+)/(\d+)")
+
+
+class _Progress2:
+    """Reads ``rsync --info=progress2`` output as it arrives (chunks cut anywhere; lines end
+    in ``\r``) and reports (entries checked, bytes) to ``report``."""
+
+    def __init__(self, report: Callable[[int, int], None]) -> None:
+        self.report = report
+        self.pending = ""
+
+    def __call__(self, chunk: str) -> None:
+        *lines, self.pending = re.split(r"[\r\n]", self.pending + chunk)
+        for line in reversed(lines):  # only the newest complete line matters
+            match = PROGRESS2_RE.match(line)
+            if match:
+                left, listed = int(match.group(2)), int(match.group(3))
+                self.report(listed - left, int(match.group(1).replace(",", "")))
+                return
 
 
 def _number(text: str, label: str) -> int:

@@ -68,6 +68,15 @@ def run_cli(*args: str | Path, timeout: float = 600) -> tuple[int, dict[str, Any
     return proc.returncode, data, proc.stderr
 
 
+def run_faulted(config: Path, fault: str, timeout: float = 600) -> tuple[int, str]:
+    """``mailsnap backup --config CONFIG`` stopped at a fault point (``MAILSNAP_FAULT``, e.g.
+    ``after-mount:SIGKILL``): its exit code (-9 for SIGKILL) and stderr."""
+    proc = subprocess.run(mailsnap("backup", "--config", config), capture_output=True,
+                          text=True, timeout=timeout, start_new_session=True,
+                          env=dict(os.environ, MAILSNAP_FAULT=fault))
+    return proc.returncode, proc.stderr
+
+
 def published(target: Path, job: str) -> list[Path]:
     root = target / job
     if not root.is_dir():

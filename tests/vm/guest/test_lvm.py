@@ -28,6 +28,7 @@ from tests.vm.guest.flow import (
     partials,
     published,
     run_cli,
+    run_faulted,
     signal_group,
     snapshot_mounted,
     start_backup,
@@ -261,6 +262,39 @@ def test_cli_sweeps_what_a_killed_run_left(
     assert code == 0, err
     assert "left by an earlier run" in err
     assert len(published(tmp_path / "target", "lvmail")) == 1
+    assert partials(tmp_path / "target", "lvmail") == []
+    assert mailsnap_lvs() == []
+    assert mounts_under(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("stage", ["after-snapshot", "after-mount"])
+def test_cli_sigkill_at_a_fault_point_is_cleaned_up(
+    lv_source: Callable[..., LvSource], tmp_path: Path, stage: str
+) -> None:
+    """Fault matrix cells for the stages that differ per backend (tests/test_fault_matrix.py
+    runs the whole matrix on btrfs): killed right after the snapshot or the mount, the snapshot
+    stays until `mailsnap cleanup` removes it and says so; then the next backup succeeds."""
+    src = lv_source()
+    config = lvm_config(tmp_path, src, snapshot_size="32M")
+    code, _report, err = run_cli("backup", "--config", config)
+    assert code == 0, err
+    [first] = published(tmp_path / "target", "lvmail")
+    before = tree(first)
+    code, err = run_faulted(config, f"{stage}:SIGKILL")
+    assert code == -9, err
+    assert len(mailsnap_lvs()) == 1
+    if stage == "after-mount":
+        assert mounts_under(tmp_path / "run") != []
+    code, report, err = run_cli("cleanup", "--config", config)
+    assert code == 0, err
+    removed = report["jobs"][0]["removed"]
+    assert any(r.startswith("snapshot mailsnap-lvmail-") for r in removed), removed
+    assert mailsnap_lvs() == []
+    assert mounts_under(tmp_path / "run") == []
+    code, _report, err = run_cli("backup", "--config", config)
+    assert code == 0, err
+    assert len(published(tmp_path / "target", "lvmail")) == 2
+    assert tree(first) == before
     assert partials(tmp_path / "target", "lvmail") == []
     assert mailsnap_lvs() == []
     assert mounts_under(tmp_path / "run") == []

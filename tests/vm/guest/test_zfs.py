@@ -28,6 +28,7 @@ from tests.vm.guest.flow import (
     partials,
     published,
     run_cli,
+    run_faulted,
     signal_group,
     snapshot_mounted,
     start_backup,
@@ -195,5 +196,38 @@ def test_cli_sweeps_what_a_killed_run_left(
     code, _report, err = run_cli("backup", "--config", config)
     assert code == 0, err
     assert len(published(tmp_path / "target", "zmail")) == 1
+    assert mailsnap_zfs_snapshots() == []
+    assert mounts_under(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("stage", ["after-snapshot", "after-mount"])
+def test_cli_sigkill_at_a_fault_point_is_cleaned_up(
+    zfs_source: Callable[..., ZfsSource], tmp_path: Path, stage: str
+) -> None:
+    """Fault matrix cells for the stages that differ per backend (tests/test_fault_matrix.py
+    runs the whole matrix on btrfs): killed right after the snapshot or the mount, the snapshot
+    stays until `mailsnap cleanup` removes it and says so; then the next backup succeeds."""
+    src = zfs_source(children=1)
+    config = zfs_config(tmp_path, src)
+    code, _report, err = run_cli("backup", "--config", config)
+    assert code == 0, err
+    [first] = published(tmp_path / "target", "zmail")
+    before = tree(first)
+    code, err = run_faulted(config, f"{stage}:SIGKILL")
+    assert code == -9, err
+    assert mailsnap_zfs_snapshots() != []  # with child datasets: one per dataset
+    if stage == "after-mount":
+        assert mounts_under(tmp_path / "run") != []
+    code, report, err = run_cli("cleanup", "--config", config)
+    assert code == 0, err
+    removed = report["jobs"][0]["removed"]
+    assert any(r.startswith("snapshot mailsnap-zmail-") for r in removed), removed
+    assert mailsnap_zfs_snapshots() == []
+    assert mounts_under(tmp_path / "run") == []
+    code, _report, err = run_cli("backup", "--config", config)
+    assert code == 0, err
+    assert len(published(tmp_path / "target", "zmail")) == 2
+    assert tree(first) == before
+    assert partials(tmp_path / "target", "zmail") == []
     assert mailsnap_zfs_snapshots() == []
     assert mounts_under(tmp_path / "run") == []
