@@ -185,6 +185,16 @@ def test_status_warns_without_a_backup_then_is_ok(env: Env) -> None:
     assert len(out.splitlines()) == 1
 
 
+def test_status_of_a_one_off_job_from_source_and_target(env: Env) -> None:
+    # A cron line `backup --source S --target T` is checked with the same two flags.
+    flags = ("--source", env.source, "--target", env.tmp / "oneoff")
+    code, out, _ = invoke("status", *flags)
+    assert code == 1 and out.startswith("MAILSNAP WARNING - mail: no backup yet")
+    assert invoke("backup", *flags, "--backend", "live")[0] == 0
+    code, out, _ = invoke("status", *flags)
+    assert code == 0 and "last run ok" in out, out
+
+
 def test_status_warns_when_the_newest_backup_is_older_than_max_age(env: Env) -> None:
     env.write(max_age="90m")
     assert invoke("backup", "--config", env.config)[0] == 0

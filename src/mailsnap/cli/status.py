@@ -21,8 +21,18 @@ from typing import Any
 
 import typer
 
-from mailsnap.cli.app import ConfigOpt, DebugOpt, JobOpt, JsonOpt, app, guarded
-from mailsnap.config import DEFAULT_CONFIG, Job, load_config
+from mailsnap.cli.app import (
+    ConfigOpt,
+    DebugOpt,
+    JobOpt,
+    JsonOpt,
+    SourceOpt,
+    TargetOpt,
+    app,
+    guarded,
+    select_jobs,
+)
+from mailsnap.config import Job
 from mailsnap.errors import EXIT_FAILED, EXIT_OK
 from mailsnap.pipeline import utc_now
 from mailsnap.report import RunReport, last_report, newest_backup_time
@@ -118,6 +128,8 @@ def ago(delta: timedelta) -> str:
 def status(
     config: ConfigOpt = None,
     job: JobOpt = None,
+    source: SourceOpt = None,
+    target: TargetOpt = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -125,7 +137,9 @@ def status(
     (usable as a Nagios/Icinga check)."""
 
     def body() -> int:
-        jobs = load_config(config or DEFAULT_CONFIG).select(job)
+        # --source/--target: the one-off job a cron line like `backup --source … --target …`
+        # runs (same name rule, default state directory), so it can be checked too.
+        jobs = select_jobs(config, job, source, target, None)
         now = utc_now()
         found = [assess(one, now) for one in jobs]
         code = EXIT_OK if all(s.ok for s in found) else EXIT_FAILED
