@@ -178,6 +178,7 @@ def human_size(n: int) -> str:
         size /= 1024
     return f"{n} B"
 
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"mailsnap {__version__}")

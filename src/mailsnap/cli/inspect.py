@@ -76,6 +76,7 @@ def list_backups(
 
     guarded(debug, as_json, body)
 
+
 @app.command()
 def check(
     config: ConfigOpt = None,
