@@ -190,6 +190,11 @@ def test_status_of_a_one_off_job_from_source_and_target(env: Env) -> None:
     flags = ("--source", env.source, "--target", env.tmp / "oneoff")
     code, out, _ = invoke("status", *flags)
     assert code == 1 and out.startswith("MAILSNAP WARNING - mail: no backup yet")
+    empty = env.tmp / "empty"
+    empty.mkdir()
+    assert invoke("backup", "--source", empty, "--target", env.tmp / "oneoff")[0] == 1
+    code, out, _ = invoke("status", *flags)
+    assert code == 1 and out.count("not a Maildir") == 1, out  # the error, said once
     assert invoke("backup", *flags, "--backend", "live")[0] == 0
     code, out, _ = invoke("status", *flags)
     assert code == 0 and "last run ok" in out, out

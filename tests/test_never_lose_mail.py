@@ -293,7 +293,7 @@ def test_empty_job_name_is_an_error_that_says_what_is_allowed(tmp_path: Path) ->
     source = make_store(tmp_path / "vmail")
     code, _, err = invoke("backup", "--source", source, "--target", tmp_path / "b", "--job", "")
     assert code == 2
-    assert "not a valid job name" in err and "letters, digits" in err
+    assert "--job: '' is not a valid job name" in err and "letters, digits" in err
     assert "[A-Za-z0-9]" not in err  # not the raw regex
     assert not (tmp_path / "b").exists()
 
@@ -303,7 +303,7 @@ def test_target_reaching_into_the_source_through_a_symlink_is_refused(tmp_path: 
     (tmp_path / "link").symlink_to(source / "example.com")
     code, _, err = invoke("backup", "--source", source, "--target", tmp_path / "link" / "bk",
                           "--backend", "live")
-    assert code == 2 and "inside source" in err
+    assert code == 2 and "inside source" in err and "with symlinks resolved" in err
     assert not (source / "example.com" / "bk").exists()
 
 

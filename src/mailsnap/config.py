@@ -413,8 +413,17 @@ def _error_lines(exc: ValidationError, origin: str) -> list[str]:
             message = f"backend must be one of {', '.join(BACKEND_NAMES)}"
         elif err["type"] == "union_tag_not_found":
             message = f"missing key 'backend' (one of {', '.join(BACKEND_NAMES)})"
-        lines.append(f"{origin}: {where}: {message}")
+        if origin == FLAGS:
+            # A one-off job's fields came from flags: name the flag, not job[0].<field>.
+            field = where.removeprefix("job[0]").lstrip(".")
+            lines.append(f"{_FLAG_OF.get(field, '--source/--target')}: {message}")
+        else:
+            lines.append(f"{origin}: {where}: {message}")
     return lines
+
+
+FLAGS = "flags"
+_FLAG_OF = {"name": "--job", "source": "--source", "target": "--target", "backend": "--backend"}
 
 
 def parse_config(data: Mapping[str, Any], origin: str = "config") -> Config:
@@ -461,5 +470,5 @@ def one_off_job(
         "backend": backend,
         "exclude": list(exclude),
     }
-    return parse_config({"job": [data]}, origin="flags").job[0]
+    return parse_config({"job": [data]}, origin=FLAGS).job[0]
 

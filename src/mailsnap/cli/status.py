@@ -77,8 +77,10 @@ class JobStatus:
                      f"(max_age {ago(self.max_age)})"]
         if self.last_run is not None:
             when = ago(self.checked - self.last_run.finished)
+            # With problems, the error is already among them: say it once.
+            error = self.last_run.error if self.last_run.error and not self.problems else None
             parts.append(f"last run {self.last_run.status} {when} ago"
-                         + (f": {self.last_run.error}" if self.last_run.error else ""))
+                         + (f": {error}" if error else ""))
         else:
             parts.append("no run report")
         summary = "; ".join(self.problems) if self.problems else ", ".join(parts)
