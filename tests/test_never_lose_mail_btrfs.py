@@ -148,22 +148,32 @@ def test_backup_and_dry_run_of_a_job_whose_snapshot_is_held_exit_3(
 def test_snapshot_exec_while_a_backup_runs_exits_3_and_the_backup_completes(
     btrfs: BtrfsVolume, source: Path, tmp_path: Path, run_dir: Path
 ) -> None:
-    for i in range(150):  # enough that the backup is still copying
-        (source / ".Archive" / "cur" / f"1750000000.M{i}P9.big:2,S").write_bytes(
-            os.urandom(1 << 20))
-    backup = mailsnap("backup", "--source", source, "--target", tmp_path / "b",
-                      "--backend", "btrfs", run_dir=run_dir)
-    wait_for(lambda: mounts_under(run_dir / "mail" / "snapshot"), "the backup's mount")
-    snap = mailsnap("snapshot", "--source", source, "--backend", "btrfs", "--", "true",
-                    run_dir=run_dir)
-    _, err = snap.communicate(timeout=60)
-    assert snap.returncode == 3, err
-    assert f"pid {backup.pid} (backup)" in err
-    # A second one-off backup of the same source to another target: the same job, refused.
-    other = mailsnap("backup", "--source", source, "--target", tmp_path / "other",
-                     "--backend", "btrfs", run_dir=run_dir)
-    _, err = other.communicate(timeout=60)
-    assert other.returncode == 3, err
+    # The backup is held right after its snapshot by an after_snapshot hook that waits for a
+    # file, so the overlap does not depend on how fast this machine copies.
+    started, release = tmp_path / "hook-started", tmp_path / "release"
+    hook = ["sh", "-c", 'touch "$0"; while [ ! -e "$1" ]; do sleep 0.05; done',
+            str(started), str(release)]
+    config = tmp_path / "mailsnap.toml"
+    config.write_text(
+        f'[[job]]\nname = "mail"\nsource = "{source}"\ntarget = "{tmp_path / "b"}"\n'
+        f'backend = "btrfs"\nafter_snapshot = {json.dumps(hook)}\n'
+    )
+    backup = mailsnap("backup", "--config", config, run_dir=run_dir)
+    try:
+        wait_for(started.exists, "the backup's after_snapshot hook")
+        snap = mailsnap("snapshot", "--source", source, "--backend", "btrfs", "--", "true",
+                        run_dir=run_dir)
+        _, err = snap.communicate(timeout=60)
+        assert snap.returncode == 3, err
+        assert f"pid {backup.pid} (backup)" in err
+        # A one-off backup of the same source to another target: the same job, refused.
+        other = mailsnap("backup", "--source", source, "--target", tmp_path / "other",
+                         "--backend", "btrfs", run_dir=run_dir)
+        _, err = other.communicate(timeout=60)
+        assert other.returncode == 3, err
+        assert not (tmp_path / "other").exists()
+    finally:
+        release.touch()
     _, err = backup.communicate(timeout=120)
     assert backup.returncode == 0, err
     assert len(BackupStore(tmp_path / "b" / "mail").backups()) == 1
