@@ -55,7 +55,8 @@ class Survey:
     bytes: int
 
 
-def _gone(exc: OSError) -> bool:
+def gone(exc: OSError) -> bool:
+    """The entry vanished (ENOENT, ENOTDIR): on a live tree, renamed, moved or expunged."""
     return exc.errno in (errno.ENOENT, errno.ENOTDIR)
 
 
@@ -119,7 +120,7 @@ class _Walker:
             with os.scandir(path) as it:
                 entries = [(e.name, e.is_dir(follow_symlinks=False), e) for e in it]
         except OSError as exc:
-            if _gone(exc) and rel:
+            if gone(exc) and rel:
                 return []  # deleted or renamed while we walked (a live source)
             raise CopyFailed(f"cannot read {path}: {exc.strerror}") from None
         dirs = {name for name, is_dir, _e in entries if is_dir}
@@ -159,7 +160,7 @@ class _Walker:
                         if self.file(child, entry, tally) and not entry.name.startswith("."):
                             tally.messages += 1
             except OSError as exc:
-                if _gone(exc):
+                if gone(exc):
                     return False  # gone since the parent was listed: nothing left to count
                 raise CopyFailed(f"cannot read {path}: {exc.strerror}") from None
         self.total.files += tally.files
@@ -172,7 +173,7 @@ class _Walker:
         try:
             info = entry.stat(follow_symlinks=False)
         except OSError as exc:
-            if _gone(exc):
+            if gone(exc):
                 return False  # expunged or renamed since the listing
             raise CopyFailed(f"cannot read {self.path(rel)}: {exc.strerror}") from None
         if not stat.S_ISREG(info.st_mode):

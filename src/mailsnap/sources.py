@@ -66,7 +66,8 @@ def check_source(source: Path) -> None:
             f"source {source}: not readable; run as root or as the mail user"
         )
     if find_first_maildir(source) is None:
-        empty = not any(True for _ in os.scandir(source))
+        with os.scandir(source) as entries:
+            empty = not any(True for _ in entries)
         why = (
             "it is empty, which is what the mount point of an unmounted mail volume looks like"
             if empty else

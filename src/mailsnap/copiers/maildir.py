@@ -30,7 +30,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 import contextlib
 from dataclasses import dataclass, field
-import errno
 import logging
 import os
 from pathlib import Path
@@ -65,10 +64,6 @@ VANISHED_WARN_SHARE = 0.10
 def base_name(filename: str) -> str:
     """``1700000000.M1P2.host,S=123:2,RS`` → ``1700000000.M1P2.host,S=123``."""
     return filename.split(INFO_SEPARATOR, 1)[0]
-
-
-def _gone(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOENT, errno.ENOTDIR)
 
 
 @dataclass(slots=True)
@@ -216,7 +211,7 @@ class _Run:
             info = os.lstat(path)
             entries = sorted(os.scandir(path), key=lambda e: e.name)
         except OSError as exc:
-            if _gone(exc) and rel:
+            if maildirs.gone(exc) and rel:
                 return  # a folder deleted or renamed by the user; its new name is found later
             raise CopyFailed(f"cannot read {path}: {exc.strerror}") from None
         self._make_dir(rel, info)
@@ -246,7 +241,7 @@ class _Run:
         try:
             info = os.lstat(self.source / rel)
         except OSError as exc:
-            if _gone(exc):
+            if maildirs.gone(exc):
                 return
             raise
         self._make_dir(rel, info)
@@ -261,7 +256,7 @@ class _Run:
             try:
                 names = os.listdir(path)
             except OSError as exc:
-                if _gone(exc):
+                if maildirs.gone(exc):
                     continue
                 raise CopyFailed(f"cannot list {path}: {exc.strerror}") from None
             for name in names:
@@ -276,7 +271,7 @@ class _Run:
             try:
                 self._make_dir(rel, os.lstat(self.source / rel))
             except OSError as exc:
-                if not _gone(exc):
+                if not maildirs.gone(exc):
                     raise
         listing = self._list_messages(folder_rel)
         for base in sorted(listing.keys() - folder.copied):
@@ -303,7 +298,7 @@ class _Run:
         try:
             fd = os.open(self.source / rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
-            if _gone(exc):
+            if maildirs.gone(exc):
                 return False
             raise CopyFailed(f"cannot read {self.source / rel}: {exc.strerror}") from None
         try:
@@ -393,7 +388,7 @@ class _Run:
                 return
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
-            if _gone(exc):
+            if maildirs.gone(exc):
                 return  # rewritten by Dovecot (index files are replaced by rename); next pass
             raise CopyFailed(f"cannot read {path}: {exc.strerror}") from None
         try:
