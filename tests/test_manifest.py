@@ -1,0 +1,131 @@
+"""The per-backup manifest: round trip of hostile names, sections read in step with a walk,
+and damage (truncated, corrupt, foreign, no end line) detected before anything is trusted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailsnap.manifest import (
+    MAGIC,
+    ManifestDamaged,
+    ManifestWriter,
+    PreviousManifest,
+    escape,
+    file_tail,
+    read_records,
+    section_key,
+    unescape,
+)
+
+NAMES = [
+    "plain",
+    "with space/and & quotes \"'",
+    "tab\there",
+    "new\nline",
+    "back\\slash",
+    "caf\udce9 (not UTF-8)",
+    "Caf&AOk-/cur/1700000000.M1P2.host,S=12:2,RS",
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_escape_round_trips(name: str) -> None:
+    escaped = escape(name)
+    assert "\t" not in escaped and "\n" not in escaped
+    assert unescape(escaped) == name
+
+
+def write(path: Path, sections: dict[str, list[str]]) -> None:
+    writer = ManifestWriter(path)
+    for key, names in sections.items():
+        writer.section(key, [f"F\t{escape(n)}\tcopied\t{file_tail(len(n), 1, 0o600, 0, 0, 'ab')}\n"
+                             for n in names])
+    writer.close()
+
+
+SECTIONS = {
+    "": ["top-file"],
+    "a": ["a/x"],
+    "a/b": ["a/b/cur/1.M1,S=5:2,S", "a/b/.Sent/cur/2.M2,S=7:2,"],
+    "a.b": ["a.b/y"],
+    "new\nuser": ["new\nuser/cur/3.M3,S=1:2,S"],
+}
+
+
+def test_sections_are_read_in_walk_order_one_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "m.zst"
+    write(path, SECTIONS)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    previous = PreviousManifest(path)
+    assert previous.damaged is None
+    # A walk asks in its own order, skipping sections that no longer exist ("a") and asking
+    # for ones that are new ("a/a"); "a/b" sorts before "a.b" by path components.
+    assert sorted(SECTIONS, key=section_key) == ["", "a", "a/b", "a.b", "new\nuser"]
+    top = previous.section("")
+    assert top is not None and list(top.files) == ["top-file"]
+    assert previous.section("a/a") is None
+    ab = previous.section("a/b")
+    assert ab is not None and ab.by_base("2.M2,S=7") == ["a/b/.Sent/cur/2.M2,S=7:2,"]
+    assert previous.section("a.b") is not None
+    user = previous.section("new\nuser")
+    assert user is not None and "new\nuser/cur/3.M3,S=1:2,S" in user.files
+    assert previous.section("zzz") is None
+    assert previous.damaged is None
+
+
+def test_keep_serves_sections_again_in_any_order(tmp_path: Path) -> None:
+    path = tmp_path / "m.zst"
+    write(path, SECTIONS)
+    previous = PreviousManifest(path, keep=True)
+    assert previous.section("a.b") is not None
+    assert previous.section("") is not None
+    assert previous.section("a/b") is not None
+    assert previous.section("nope") is None
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flipped":
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+    elif how == "foreign":
+        path.write_bytes(b"not a manifest\n")
+    elif how == "empty":
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped", "foreign", "empty"])
+def test_damage_is_found_before_any_section_is_used(tmp_path: Path, how: str) -> None:
+    path = tmp_path / "m.zst"
+    write(path, {f"user{i:03}": [f"user{i:03}/cur/{n}.M{n},S=9:2,S" for n in range(50)]
+                 for i in range(40)})
+    damage(path, how)
+    previous = PreviousManifest(path)
+    assert previous.damaged, how
+    assert previous.section("user000") is None
+    with pytest.raises(ManifestDamaged):
+        read_records(path)
+
+
+def test_an_interrupted_writer_leaves_no_end_line(tmp_path: Path) -> None:
+    path = tmp_path / "m.zst"
+    writer = ManifestWriter(path)
+    writer.section("a", ["F\ta/x\tcopied\t1\t1\t600\t0\t0\tab\n"])
+    writer.abort()
+    assert PreviousManifest(path).damaged
+    with pytest.raises(ManifestDamaged):
+        read_records(path)
+
+
+def test_records_of_a_whole_manifest(tmp_path: Path) -> None:
+    path = tmp_path / "m.zst"
+    write(path, {"a": ["a/x"]})
+    records = read_records(path)
+    assert records[0] == [MAGIC, "1"]
+    assert records[1] == ["S", "a"]
+    assert records[2][:3] == ["F", "a/x", "copied"]
+    assert records[-1] == ["E", "1"]
