@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 import contextlib
+import ctypes
 from dataclasses import dataclass
 from datetime import UTC, datetime
 import errno
@@ -229,17 +230,29 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _sync_tree(path: Path) -> None:
-    """Make the copied files durable before the rename publishes them. ``syncfs`` flushes the
-    target file system in one call instead of an fsync per message."""
+    """Make the copied files durable before the rename publishes them: ``syncfs`` flushes the
+    target file system in one call instead of an fsync per message. Python 3.11's ``os`` has
+    no ``syncfs`` (and ``os.sync`` would flush every file system on the host, a busy mail
+    volume included), so it is called from libc."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.syncfs(fd) if hasattr(os, "syncfs") else os.sync()
-    except OSError as exc:
-        if exc.errno != errno.ENOSYS:
-            raise
-        os.sync()
+        if _libc_syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            if code != errno.ENOSYS:
+                raise OSError(code, os.strerror(code), str(path))
+            os.sync()
     finally:
         os.close(fd)
+
+
+def _libc_syncfs(fd: int) -> int:
+    syncfs = getattr(os, "syncfs", None)
+    if syncfs is not None:  # Python 3.12+
+        syncfs(fd)
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    result: int = libc.syncfs(fd)
+    return result
 
 
 def make_private_dirs(path: Path) -> None:
