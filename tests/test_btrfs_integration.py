@@ -17,6 +17,7 @@ import time
 import pytest
 
 from mailsnap.config import Job, one_off_job
+from mailsnap.copiers.maildir import MaildirCopier
 from mailsnap.copiers.rsync import RsyncCopier
 from mailsnap.pipeline import run_backup
 from mailsnap.runner import Runner
@@ -63,18 +64,21 @@ def tree(root: Path) -> dict[str, str]:
     return out
 
 
+@pytest.mark.parametrize("copier", ["maildir", "rsync"])
 def test_backup_under_concurrent_writes_equals_the_snapshot(
-    job: Job, source: Path, monkeypatch: pytest.MonkeyPatch
+    job: Job, source: Path, monkeypatch: pytest.MonkeyPatch, copier: str
 ) -> None:
+    job = job.model_copy(update={"copier": copier})
     seen: dict[str, dict[str, str]] = {}
-    real_copy = RsyncCopier.copy
+    kind = RsyncCopier if copier == "rsync" else MaildirCopier
+    real_copy = kind.copy
 
-    def copy_and_record(self: RsyncCopier, src: Path, dest: Path, **kwargs: object) -> object:
+    def copy_and_record(self: object, src: Path, dest: Path, **kwargs: object) -> object:
         stats = real_copy(self, src, dest, **kwargs)  # type: ignore[arg-type]
         seen["snapshot"] = tree(src)  # the frozen snapshot, still mounted read-only
         return stats
 
-    monkeypatch.setattr(RsyncCopier, "copy", copy_and_record)
+    monkeypatch.setattr(kind, "copy", copy_and_record)
     writer = MaildirWriter(source)
     writer.start()
     try:
@@ -130,9 +134,11 @@ def test_dry_run_leaves_no_trace(job: Job, btrfs: BtrfsVolume) -> None:
 
 
 def _start(job: Job, tmp_path: Path) -> subprocess.Popen[str]:
+    """A backup with rsync, whose process the caller waits for (the Maildir copier's
+    interruptions are in the fault matrix)."""
     return subprocess.Popen(
         [sys.executable, "-m", "mailsnap", "backup", "--source", str(job.source),
-         "--target", str(job.target), "--backend", "btrfs"],
+         "--target", str(job.target), "--backend", "btrfs", "--copier", "rsync"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env=dict(os.environ, MAILSNAP_RUN_DIR=str(tmp_path / "run")),
     )

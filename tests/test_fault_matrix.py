@@ -204,7 +204,7 @@ def test_mid_copy_lands_while_rsync_runs(btrfs: BtrfsVolume, source: Path,
     add_big_messages(source, "x")
     target, run_dir = tmp_path / "b", tmp_path / "run"
     run = mailsnap("backup", "--source", source, "--target", target, "--backend", "btrfs",
-                   run_dir=run_dir, fault="mid-copy:SIGTERM")
+                   "--copier", "rsync", run_dir=run_dir, fault="mid-copy:SIGTERM")
     assert run.returncode == 130, run.stderr
     assert re.search(r"rsync .*\(stopped: mailsnap was interrupted\)", run.stderr), run.stderr
 

@@ -13,7 +13,8 @@ import stat
 import pytest
 
 from mailsnap.config import DEFAULT_EXCLUDES
-from mailsnap.copiers import maildir as maildir_module
+from mailsnap.copiers import live as maildir_module
+from mailsnap.copiers.base import Previous
 from mailsnap.copiers.maildir import MaildirCopier, base_name
 from mailsnap.runner import Runner
 
@@ -42,10 +43,17 @@ def store(tmp_path: Path) -> Path:
     return src
 
 
-def copy(src: Path, dest: Path, previous: Path | None = None, **kw: int) -> MaildirCopier:
+def manifest_of(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".manifest.zst")
+
+
+def copy(src: Path, dest: Path, previous: Path | None = None, **kw: int | bool
+         ) -> MaildirCopier:
     dest.mkdir()
     copier = MaildirCopier(Runner(), **kw)
-    copier.stats = copier.copy(src, dest, previous=previous, excludes=DEFAULT_EXCLUDES)
+    copier.stats = copier.copy(
+        src, dest, excludes=DEFAULT_EXCLUDES, manifest=manifest_of(dest),
+        previous=Previous(previous, manifest_of(previous)) if previous else None)
     return copier
 
 
@@ -147,28 +155,50 @@ def test_delivery_during_copy_is_taken_by_a_later_pass(
     assert (tmp_path / "backup" / ".Sent" / "new" / delivered.name).exists()
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["live", "frozen"])
 def test_second_backup_hard_links_unchanged_messages_by_base_name(
-    store: Path, tmp_path: Path
+    store: Path, tmp_path: Path, frozen: bool
 ) -> None:
-    copy(store, tmp_path / "one")
+    copy(store, tmp_path / "one", frozen=frozen)
     flagged = next((store / "cur").glob("*:2,S"))
     renamed = flagged.with_name(base_name(flagged.name) + ":2,FS")
     os.rename(flagged, renamed)  # a flag change since the last backup: same message
-    copier = copy(store, tmp_path / "two", previous=tmp_path / "one")
-    n_messages = sum(len(v) for v in messages(store).values())
-    assert copier.stats.linked == n_messages
+    copier = copy(store, tmp_path / "two", previous=tmp_path / "one", frozen=frozen)
+    # Every file is unchanged: messages by base name and size, the rest by size and mtime.
+    assert copier.stats.linked == len(expected_files(store))
+    assert copier.stats.summary.renames == 1
+    assert copier.stats.summary.bytes_written == 0
     assert os.stat(tmp_path / "two" / "cur" / renamed.name).st_ino == os.stat(
         tmp_path / "one" / "cur" / flagged.name).st_ino
     assert all_files(tmp_path / "two") == expected_files(store)
 
 
 def test_changed_size_is_copied_not_linked(store: Path, tmp_path: Path) -> None:
+    """The live copy stats every message. (A snapshot copy takes the size from Dovecot's
+    ``S=`` in the name: Dovecot never rewrites a delivered message; see the next test.)"""
     copy(store, tmp_path / "one")
     victim = next((store / "cur").iterdir())
     victim.write_text(victim.read_text() + "tampered\n")
     copy(store, tmp_path / "two", previous=tmp_path / "one")
     assert os.stat(tmp_path / "two" / "cur" / victim.name).st_ino != os.stat(
         tmp_path / "one" / "cur" / victim.name).st_ino
+
+
+def test_frozen_copy_takes_the_size_from_the_name(store: Path, tmp_path: Path) -> None:
+    """Same name, same ``S=``: linked without a stat. A message renamed to a name whose size
+    disagrees with the previous record, or with no ``S=``, is stat'ed and copied if changed."""
+    copy(store, tmp_path / "one", frozen=True)
+    victims = sorted((store / "cur").iterdir())[:2]
+    for victim in victims:
+        victim.write_text(victim.read_text() + "tampered\n")
+    resized = victims[0].with_name(victims[0].name.replace(",S=", ",S=9"))
+    os.rename(victims[0], resized)
+    unsized = victims[1].with_name(victims[1].name.replace(",S=", ",X="))
+    os.rename(victims[1], unsized)
+    copy(store, tmp_path / "two", previous=tmp_path / "one", frozen=True)
+    for now in (resized, unsized):
+        assert os.stat(tmp_path / "two" / "cur" / now.name).st_nlink == 1
+        assert (tmp_path / "two" / "cur" / now.name).read_text().endswith("tampered\n")
 
 
 def test_hard_links_in_the_source_stay_one_file(store: Path, tmp_path: Path) -> None:
@@ -283,7 +313,7 @@ def test_many_vanished_messages_are_a_warning(
     for n in range(40):
         (src / "cur" / f"{n}.M{n}P1.h,S=1:2,S").write_text("x")
     _vanish_every_message(monkeypatch, src, limit=30)
-    with caplog.at_level(logging.INFO, logger="mailsnap.copiers.maildir"):
+    with caplog.at_level(logging.INFO, logger="mailsnap.copiers"):
         copier = copy(src, tmp_path / "backup")
     assert copier.stats.vanished == 30 and copier.stats.files == 10
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -296,7 +326,7 @@ def test_a_few_vanished_messages_are_info(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     _vanish_every_message(monkeypatch, store, limit=1)
-    with caplog.at_level(logging.INFO, logger="mailsnap.copiers.maildir"):
+    with caplog.at_level(logging.INFO, logger="mailsnap.copiers"):
         copier = copy(store, tmp_path / "backup")
     assert copier.stats.vanished == 1
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from mailsnap.config import one_off_job
-from mailsnap.copiers.maildir import _Run
+from mailsnap.copiers.live import LiveCopy as _Run
 from mailsnap.errors import SourceRejected
 from mailsnap.pipeline import run_backup
 from mailsnap.runner import Runner

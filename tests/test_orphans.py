@@ -295,7 +295,7 @@ def test_rsync_dies_with_a_killed_mailsnap(
     target = str(job.target)
     process = subprocess.Popen(
         [sys.executable, "-m", "mailsnap", "backup", "--source", str(job.source),
-         "--target", target, "--backend", "btrfs"],
+         "--target", target, "--backend", "btrfs", "--copier", "rsync"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env=dict(os.environ, MAILSNAP_RUN_DIR=str(tmp_path / "run")),
     )

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from mailsnap import progress
 from mailsnap.cli import app
-from mailsnap.copiers import maildir as maildir_module
+from mailsnap.copiers import live as maildir_module
 from mailsnap.copiers.maildir import MaildirCopier
 from mailsnap.copiers.rsync import RsyncCopier, _Progress2
 from mailsnap.runner import Runner

@@ -109,6 +109,14 @@ class JobBase(_Model):
         description="Extra rsync-style exclude patterns, added to the built-in ones "
         "(Dovecot's lock files); each Maildir's tmp/ content is always left out.",
     )
+    copier: Literal["maildir", "rsync"] = Field(
+        default="maildir",
+        description="How a backup is copied. 'maildir' (default): finds each message of the "
+        "previous backup again by its base name and size, so flag changes, new/ to cur/ and "
+        "folder moves become hard links, and writes a manifest per backup. 'rsync': rsync "
+        "-aHAX --link-dest, which matches by path (a renamed message is copied again); "
+        "snapshot backends only.",
+    )
     run_dir: Path | None = Field(
         default=None,
         description="Directory for mailsnap's private mount points and work files "
@@ -260,6 +268,14 @@ class LiveJob(JobBase):
     """No snapshot: the Maildir-aware live copier reads the running store directly."""
 
     backend: Literal["live"]
+
+    @field_validator("copier")
+    @classmethod
+    def _no_rsync_on_a_live_tree(cls, value: str) -> str:
+        if value == "rsync":
+            raise ValueError("rsync loses renamed and moved messages on a live tree; backend "
+                             "'live' always uses copier 'maildir' (remove the copier key)")
+        return value
     max_passes: int = Field(
         default=10,
         ge=1,
@@ -460,7 +476,8 @@ def load_config(path: Path) -> Config:
 
 
 def one_off_job(
-    *, name: str, source: Path, target: Path, backend: str, exclude: tuple[str, ...] = ()
+    *, name: str, source: Path, target: Path, backend: str, exclude: tuple[str, ...] = (),
+    copier: str | None = None,
 ) -> Job:
     """A job from CLI flags; relative paths are taken from the current directory."""
     data: dict[str, Any] = {
@@ -470,5 +487,7 @@ def one_off_job(
         "backend": backend,
         "exclude": list(exclude),
     }
+    if copier is not None:
+        data["copier"] = copier
     return parse_config({"job": [data]}, origin=FLAGS).job[0]
 

@@ -33,11 +33,12 @@ from typing import Any
 from mailsnap import __version__, progress
 from mailsnap.backends.base import Snapshot, snapshot_name
 from mailsnap.config import Job
-from mailsnap.copiers import make_copier
+from mailsnap.copiers import Previous, make_copier
 from mailsnap.errors import CopyFailed, ShrinkRefused, TargetFull
 from mailsnap.faults import fault_point
 from mailsnap.hooks import Hooks
 from mailsnap.maildirs import survey
+from mailsnap.manifest import MANIFEST_FILE
 from mailsnap.recorder import time_snapshot
 from mailsnap.runner import Runner
 from mailsnap.session import Session, job_session, stage
@@ -91,6 +92,7 @@ class BackupReport:
     seconds: float
     dry_run: bool
     estimated: bool  # dry run of a snapshot backend: counted on the live source
+    copy: dict[str, int] | None = None  # the Maildir copier's summary (copied, linked …)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -185,6 +187,7 @@ def _run_backup(
         hooks.run_id = run_id
         view = open_view(session, run_id)
         copier = make_copier(
+            job.copier,
             point_in_time=view.point_in_time,
             runner=runner,
             max_passes=getattr(job, "max_passes", 10),
@@ -202,9 +205,11 @@ def _run_backup(
                 stats = copier.copy(
                     view.path,
                     partial / CONTENT,
-                    previous=previous.content if previous else None,
+                    previous=Previous(previous.content, previous.path / MANIFEST_FILE)
+                    if previous else None,
                     excludes=job.excludes,
                     watch=_watched(view.check),
+                    manifest=partial / MANIFEST_FILE,
                 )
             except CopyFailed:
                 view.check()  # "cannot read …" because the volume went away: say that instead
@@ -214,14 +219,20 @@ def _run_backup(
         with stage("verify snapshot" if view.point_in_time else "verify source"):
             view.check()
         estimated = runner.dry_run and view.point_in_time
-        with stage("count messages"):
-            counted = survey(job.source if estimated else
-                             (view.path if runner.dry_run else partial / CONTENT), job.excludes)
-        if estimated:
-            # rsync did not run and the snapshot was never mounted: say what the source holds.
-            stats.files, stats.bytes = counted.files, counted.bytes
+        if stats.messages is not None and not estimated:
+            messages = stats.messages  # counted by the copier as it went
+        else:
+            with stage("count messages"):
+                counted = survey(job.source if estimated else
+                                 (view.path if runner.dry_run else partial / CONTENT),
+                                 job.excludes)
+            messages = counted.messages
+            if estimated:
+                # The copy did not run and the snapshot was never mounted: say what the source
+                # holds.
+                stats.files, stats.bytes = counted.files, counted.bytes
         previous_messages = _messages_in(previous, job) if previous else None
-        shrink_guard(job, counted.messages, previous, previous_messages,
+        shrink_guard(job, messages, previous, previous_messages,
                      allow=allow_shrink or runner.dry_run)
         manifest = {
             "job": job.name,
@@ -236,8 +247,10 @@ def _run_backup(
             "files": stats.files,
             "bytes": stats.bytes,
             "linked": stats.linked,
-            "messages": counted.messages,
+            "messages": messages,
             "passes": stats.passes,
+            "copy": stats.summary.as_dict() if stats.manifest else None,
+            "manifest": MANIFEST_FILE if stats.manifest else None,
             "previous": previous.run_id if previous else None,
             "allowed_shrink": allow_shrink,
             "host": socket.gethostname(),
@@ -250,7 +263,7 @@ def _run_backup(
                                    on_commit=lambda: guard.defer("publishing the backup"))
     if not runner.dry_run:
         log.info("backup %s published (%d messages, %d files, %d bytes, %d hard-linked)",
-                 backup.path, counted.messages, stats.files, stats.bytes, stats.linked)
+                 backup.path, messages, stats.files, stats.bytes, stats.linked)
     return BackupReport(
         job=job.name,
         status="ok" if not runner.dry_run else "dry-run",
@@ -261,8 +274,9 @@ def _run_backup(
         files=stats.files,
         bytes=stats.bytes,
         linked=stats.linked,
-        messages=counted.messages,
+        messages=messages,
         previous_messages=previous_messages,
+        copy=stats.summary.as_dict() if stats.manifest else None,
         passes=stats.passes,
         seconds=round(time.monotonic() - started, 3),
         dry_run=runner.dry_run,

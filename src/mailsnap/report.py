@@ -79,6 +79,12 @@ class RunReport(BaseModel):
     messages: int | None = None
     previous_messages: int | None = None
     passes: int | None = None
+    copy_summary: dict[str, int] | None = Field(
+        default=None, alias="copy",
+        description="The Maildir copier's account (from its manifest): files copied and "
+        "bytes_written, linked and bytes_linked to the previous backup, renames (linked "
+        "under a new name or folder), hardlinked (hard links kept from the source). None for "
+        "rsync.")
     dry_run: bool = False
     estimated: bool = False
     warnings: list[str] = Field(default_factory=list)
@@ -128,6 +134,7 @@ def succeeded(backup: BackupReport, recorder: Recorder, started: datetime,
         messages=backup.messages,
         previous_messages=backup.previous_messages,
         passes=backup.passes,
+        copy_summary=backup.copy,
         dry_run=backup.dry_run,
         estimated=backup.estimated,
         **_common(recorder, started, finished, backup.seconds),

@@ -52,6 +52,11 @@ BackendOpt = Annotated[
     str | None,
     typer.Option("--backend", help=f"One-off job: {'|'.join(BACKEND_NAMES)} (default auto)."),
 ]
+CopierOpt = Annotated[
+    str | None,
+    typer.Option("--copier", help="One-off job: maildir|rsync (default maildir; rsync needs a "
+                 "snapshot backend)."),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Debug logs and tracebacks.")]
 DryRunOpt = Annotated[
@@ -132,6 +137,7 @@ def select_jobs(
     source: Path | None,
     target: Path | None,
     backend: str | None,
+    copier: str | None = None,
 ) -> list[Job]:
     if source is not None or target is not None:
         if source is None or target is None:
@@ -140,10 +146,12 @@ def select_jobs(
             raise ConfigError("--config and --source/--target exclude each other; pick one")
         return [
             one_off_job(name=one_off_name(job), source=source, target=target,
-                        backend=backend or "auto")
+                        backend=backend or "auto", copier=copier)
         ]
     if backend is not None:
         raise ConfigError("--backend only goes with --source/--target; set backend in the file")
+    if copier is not None:
+        raise ConfigError("--copier only goes with --source/--target; set copier in the file")
     return load_config(config or DEFAULT_CONFIG).select(job)
 
 

@@ -14,6 +14,7 @@ from mailsnap.alerts import ping_end, ping_start, send_alerts
 from mailsnap.cli.app import (
     BackendOpt,
     ConfigOpt,
+    CopierOpt,
     DebugOpt,
     DryRunOpt,
     JobOpt,
@@ -47,6 +48,7 @@ def backup(
     source: SourceOpt = None,
     target: TargetOpt = None,
     backend: BackendOpt = None,
+    copier: CopierOpt = None,
     allow_shrink: Annotated[
         bool,
         typer.Option("--allow-shrink",
@@ -64,7 +66,7 @@ def backup(
     never under cron or systemd)."""
 
     def body() -> int:
-        jobs = select_jobs(config, job, source, target, backend)
+        jobs = select_jobs(config, job, source, target, backend, copier)
         # Jobs that share a metrics file with the selected ones (see metrics.py).
         one_off = source is not None or target is not None
         everyone = jobs if job is None or one_off else select_jobs(config, None, None, None,

@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
+
+from mailsnap.manifest import Summary
+
+
+@dataclass(frozen=True)
+class Previous:
+    """The last published backup, as a copy links against it: its ``mail/`` tree and its
+    manifest (which an rsync-made or older backup does not have)."""
+
+    content: Path
+    manifest: Path
 
 
 @dataclass
 class CopyStats:
     """What one copy did. ``linked`` files are hard links to the previous backup (unchanged);
-    ``passes`` > 1 only for the live copier, which re-scans until nothing new turns up."""
+    ``passes`` > 1 only for a live copy, which re-scans until nothing new turns up.
+    ``messages`` is counted by a copier that knows (the Maildir copier), else None and the
+    pipeline counts the finished backup. ``summary`` is what the manifest says was copied,
+    linked and renamed (``None`` for rsync, which writes no manifest)."""
 
     files: int = 0
     bytes: int = 0
     linked: int = 0
     passes: int = 1
-    vanished: int = 0  # live copier: expunged between listing and reading
-    moved: int = 0  # live copier: moved to another folder during the copy (kept once)
+    vanished: int = 0  # live copy: expunged between listing and reading
+    moved: int = 0  # live copy: moved to another folder during the copy (kept once)
+    messages: int | None = None
+    summary: Summary = field(default_factory=Summary)
+    manifest: bool = False  # a complete manifest was written
 
 
 class Copier(Protocol):
@@ -29,15 +46,17 @@ class Copier(Protocol):
         source: Path,
         dest: Path,
         *,
-        previous: Path | None,
+        previous: Previous | None,
         excludes: Sequence[str],
         watch: Callable[[], None] | None = None,
+        manifest: Path | None = None,
     ) -> CopyStats:
         """Copy the tree at ``source`` into ``dest`` (an existing empty directory).
 
-        ``previous`` is the same tree in the last published backup: files unchanged since then
-        become hard links to it. ``excludes`` are rsync-style patterns. ``watch`` is called
-        periodically during the copy and may raise to abort it (snapshot went invalid).
+        ``previous`` is the last published backup: what it holds unchanged becomes hard links
+        to it. ``excludes`` are rsync-style patterns. ``watch`` is called periodically during
+        the copy and may raise to abort it (snapshot went invalid). ``manifest`` is where a
+        copier that writes a manifest puts it.
         Dry run: reads, writes nothing, and reports what it would copy where it can.
         Raises ``CopyFailed``; a partial ``dest`` is the caller's to discard.
         """

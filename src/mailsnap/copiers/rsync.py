@@ -27,7 +27,7 @@ from typing import ClassVar
 # The module, not its names: mailsnap.maildirs imports mailsnap.copiers.excludes, so importing
 # it first runs this package's __init__, which imports this module before maildirs has finished.
 from mailsnap import faults, maildirs
-from mailsnap.copiers.base import CopyStats
+from mailsnap.copiers.base import CopyStats, Previous
 from mailsnap.errors import CommandFailed, CopyFailed
 from mailsnap.runner import Runner
 
@@ -129,11 +129,13 @@ class RsyncCopier:
         source: Path,
         dest: Path,
         *,
-        previous: Path | None,
+        previous: Previous | None,
         excludes: Sequence[str],
         watch: Callable[[], None] | None = None,
+        manifest: Path | None = None,
     ) -> CopyStats:
-        """Survey the frozen source for its Maildirs, then run rsync.
+        """Survey the frozen source for its Maildirs, then run rsync. No manifest: rsync does
+        not say which files it linked (the next Maildir copy after it is a full one).
 
         Dry run: the survey runs (read-only) where the source is there, no rules file is
         written, and the rsync command is printed, not run.
@@ -143,7 +145,8 @@ class RsyncCopier:
             rules_path = None
             if rules and not self.runner.dry_run:
                 rules_path = stack.enter_context(_rules_file(rules))
-            argv = self.argv(source, dest, previous, excludes, exclude_from=rules_path)
+            argv = self.argv(source, dest, previous.content if previous else None, excludes,
+                             exclude_from=rules_path)
             try:
                 result = self.runner.run(
                     argv, mutates=True, timeout=None, on_wait=watch,

@@ -1,0 +1,98 @@
+"""What the Maildir copier does to one file: copy it (hashing as it goes), or link it.
+
+Shared by the one-pass walk of a frozen snapshot and the live copier's re-scanning walk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+
+from mailsnap.errors import CopyFailed
+from mailsnap.manifest import file_tail
+
+INFO_SEPARATOR = ":"  # Maildir's "NAME:2,FLAGS"; Dovecot's maildir_info_separator default
+CHUNK = 1 << 20
+IS_ROOT = os.geteuid() == 0
+
+
+def base_name(filename: str) -> str:
+    """``1700000000.M1P2.host,S=123:2,RS`` → ``1700000000.M1P2.host,S=123``."""
+    return filename.split(INFO_SEPARATOR, 1)[0]
+
+
+def size_in_name(filename: str) -> int | None:
+    """Dovecot's ``,S=<size>`` in a message's base name (the file's size on disk), or None.
+    It lets a message be matched to the previous backup without a ``stat``."""
+    base = base_name(filename)
+    at = base.find(",S=")
+    if at < 0:
+        return None
+    end = base.find(",", at + 3)
+    digits = base[at + 3 : end if end >= 0 else len(base)]
+    return int(digits) if digits.isdigit() else None
+
+
+def tail_of(info: os.stat_result, sha256: str) -> str:
+    return file_tail(info.st_size, info.st_mtime_ns, stat.S_IMODE(info.st_mode), info.st_uid,
+                     info.st_gid, sha256)
+
+
+def same_file(tail: str, info: os.stat_result) -> bool:
+    """A previous record describes this file (size, mtime, mode, owner): link, don't copy."""
+    return tail.rsplit("\t", 1)[0] == tail_of(info, "").rstrip("\t")
+
+
+def copy_open_file(fd: int, info: os.stat_result, target: str) -> str:
+    """Copy the open source file ``fd`` (described by ``info``) to a new file ``target`` with
+    its owner (as root), mode and times, hashing it on the way. Returns the sha256 hex digest.
+    Not fsync'ed: the store syncs the whole target file system once before publishing."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        out = os.open(target, flags, 0o600)
+    except OSError as exc:
+        raise CopyFailed(f"cannot write {target}: {exc.strerror}") from None
+    digest = hashlib.sha256()
+    try:
+        while chunk := os.read(fd, CHUNK):
+            digest.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(out, view):]
+        if IS_ROOT:
+            os.fchown(out, info.st_uid, info.st_gid)
+        os.fchmod(out, stat.S_IMODE(info.st_mode))
+        os.utime(out, ns=(info.st_atime_ns, info.st_mtime_ns))
+    except OSError as exc:
+        raise CopyFailed(f"cannot write {target}: {exc.strerror}") from None
+    finally:
+        os.close(out)
+    return digest.hexdigest()
+
+
+def hash_file(path: str) -> str:
+    """sha256 of a file already in the backup (a hard link whose hash we do not have)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def make_directory(target: str, info: os.stat_result) -> None:
+    """Create a backup directory 0700, then give it the source's owner and mode. Its times
+    are set at the end of the copy (creating entries in it would change them)."""
+    try:
+        os.mkdir(target, 0o700)
+    except FileExistsError:
+        pass
+    if IS_ROOT:
+        os.chown(target, info.st_uid, info.st_gid)
+    os.chmod(target, stat.S_IMODE(info.st_mode))
+
+
+def copy_symlink(source: str, target: str, info: os.stat_result) -> str:
+    """Recreate a symlink (never followed); returns its target."""
+    link = os.readlink(source)
+    os.symlink(link, target)
+    if IS_ROOT:
+        os.chown(target, info.st_uid, info.st_gid, follow_symlinks=False)
+    return link
