@@ -49,10 +49,19 @@ def _translate(glob: str) -> str:
     return out
 
 
+_WILDCARD = re.compile(r"[*?\[/]")
+
+
 class ExcludeMatcher:
     def __init__(self, patterns: Sequence[str]) -> None:
         self.rules = []
+        # A plain name with no wildcard and no "/" ("dovecot-uidlist.lock", the defaults)
+        # matches the last component exactly: a set lookup, not a regex per file.
+        self.names: frozenset[str] = frozenset(
+            p for p in patterns if p and not p.endswith("/") and not _WILDCARD.search(p))
         for pattern in patterns:
+            if pattern in self.names:
+                continue
             dirs_only = pattern.endswith("/")
             body = pattern.rstrip("/")
             if body.startswith("/"):
@@ -65,6 +74,8 @@ class ExcludeMatcher:
 
     def excluded(self, relpath: str, *, is_dir: bool) -> bool:
         """``relpath`` is relative to the top of the copy, with ``/`` separators."""
-        return any(
+        if self.names and relpath.rsplit("/", 1)[-1] in self.names:
+            return True
+        return bool(self.rules) and any(
             rule.regex.match(relpath) and (is_dir or not rule.dirs_only) for rule in self.rules
         )
