@@ -42,7 +42,7 @@ def test_the_environment_is_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
     assert faults.armed() == {}  # cached: the variable is not looked up on every call
 
 
-@pytest.mark.parametrize("value", ["after-mount", "after-mount:SIGNOPE", "mid-prune:SIGKILL",
+@pytest.mark.parametrize("value", ["after-mount", "after-mount:SIGNOPE", "mid-nothing:SIGKILL",
                                    "aftermount:SIGKILL"])
 def test_a_malformed_value_is_a_config_error_not_silence(
     monkeypatch: pytest.MonkeyPatch, value: str

@@ -63,10 +63,11 @@ def default_state_dir() -> Path:
 def parse_age(value: object) -> object:
     """``"26h"``, ``"90m"``, ``"2d"``, ``"45s"`` (or a plain number of seconds) → timedelta."""
     if isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", value)
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", value)
         if not match:
-            raise ValueError(f"must be an age like '26h', '90m' or '2d', got {value!r}")
-        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+            raise ValueError(f"must be an age like '26h', '90m', '2d' or '8w', got {value!r}")
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days",
+                "w": "weeks"}[match.group(2)]
         return timedelta(**{unit: float(match.group(1))})
     return value
 
@@ -171,6 +172,25 @@ class JobBase(_Model):
         description="`mailsnap status` warns (exit 1) when the newest backup is older than "
         "this: '26h', '90m', '2d'.",
     )
+    keep_last: int | None = Field(default=None, ge=1, description="Retention: keep the N "
+                                  "newest backups.")
+    keep_hourly: int | None = Field(default=None, ge=1, description="Retention: keep the newest "
+                                    "backup of each of the N newest hours that have one.")
+    keep_daily: int | None = Field(default=None, ge=1, description="… of the N newest days.")
+    keep_weekly: int | None = Field(default=None, ge=1,
+                                    description="… of the N newest ISO weeks.")
+    keep_monthly: int | None = Field(default=None, ge=1, description="… of the N newest months.")
+    keep_yearly: int | None = Field(default=None, ge=1, description="… of the N newest years.")
+    keep_within: Annotated[timedelta | None, BeforeValidator(parse_age)] = Field(
+        default=None, gt=timedelta(0),
+        description="Retention: keep every backup less than this much older than the newest "
+        "one ('36h', '14d', '8w'). With no keep_* key at all, every backup is kept.",
+    )
+    retention_timezone: str | None = Field(
+        default=None,
+        description="Time zone the hours, days, weeks … of retention are counted in (an IANA "
+        "name like 'Europe/Berlin'; default: the host's local time).",
+    )
     metrics_file: Path | None = Field(
         default=None,
         description="Prometheus textfile-collector file (e.g. /var/lib/node_exporter/"
@@ -189,6 +209,19 @@ class JobBase(_Model):
         description="healthchecks.io-style ping URL: <url>/start when a run starts, <url> on "
         "success, <url>/fail (with the log tail) on failure.",
     )
+
+    @field_validator("retention_timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {value!r}: use an IANA name like "
+                                 "'Europe/Berlin' or 'UTC'") from None
+        return value
 
     @field_validator("notify")
     @classmethod

@@ -81,6 +81,10 @@ class TargetFull(MailsnapError):
     """The target file system ran out of space or inodes."""
 
 
+class PruneFailed(MailsnapError):
+    """Retention could not remove an old backup (the new one is published)."""
+
+
 class HookFailed(MailsnapError):
     """A configured hook (``before_snapshot``, ``after_snapshot``, ``on_success``) exited
     non-zero or timed out. The message names the hook and says whether a backup was published

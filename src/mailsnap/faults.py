@@ -8,8 +8,8 @@ commas), mailsnap sends that signal to itself at that point. SIGKILL ends it on 
 the OOM killer or a power cut would; SIGTERM/SIGINT/SIGHUP become ``Interrupted`` (see
 ``signals``) and the normal unwinding runs, as under systemd or a Ctrl-C.
 
-The points are ``POINTS`` below, in the order a backup reaches them; ``mid-prune`` joins them
-once retention exists.
+The points are ``POINTS`` below, in the order a backup reaches them (``mid-prune`` is reached
+after publishing, and by ``mailsnap prune``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ POINTS = (
     "after-copy",  # the copy is complete; nothing is published yet
     "mid-publish",  # manifest written and synced; the .partial is not renamed yet
     "after-rename",  # the backup is published (renamed); ``latest`` is not switched yet
+    "mid-prune",  # a backup the policy removes is renamed to <id>.deleting, not yet deleted
 )
 # How often the copier's watch runs while a fault is armed: "mid-copy" must land while rsync
 # is still copying even a small test store (the normal interval is seconds).

@@ -10,6 +10,7 @@
     6. check the snapshot (or live source) is still valid; count the messages; refuse a
        backup that shrank below ``min_keep_percent`` of the previous one
     7. publish by one rename, point ``latest`` at it
+    8. apply the retention policy (``keep_*``): old backups renamed to .deleting, then deleted
     … the session tears down in reverse and sweeps once more …
 
 Each stage pushes its undo on the session's ``ExitStack`` the moment there is something to undo,
@@ -34,11 +35,12 @@ from mailsnap import __version__, progress
 from mailsnap.backends.base import Snapshot, snapshot_name
 from mailsnap.config import Job
 from mailsnap.copiers import Previous, make_copier
-from mailsnap.errors import CopyFailed, ShrinkRefused, TargetFull
+from mailsnap.errors import CopyFailed, MailsnapError, PruneFailed, ShrinkRefused, TargetFull
 from mailsnap.faults import fault_point
 from mailsnap.hooks import Hooks
 from mailsnap.maildirs import survey
 from mailsnap.manifest import MANIFEST_FILE
+from mailsnap.prune import policy_of, prune_store
 from mailsnap.recorder import time_snapshot
 from mailsnap.runner import Runner
 from mailsnap.session import Session, job_session, stage
@@ -93,6 +95,7 @@ class BackupReport:
     dry_run: bool
     estimated: bool  # dry run of a snapshot backend: counted on the live source
     copy: dict[str, int] | None = None  # the Maildir copier's summary (copied, linked …)
+    pruned: list[str] | None = None  # backups the retention policy removed after publishing
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -261,6 +264,7 @@ def _run_backup(
             # seem to un-publish) it; the run finishes and tears down as on success.
             backup = store.publish(partial, manifest,
                                    on_commit=lambda: guard.defer("publishing the backup"))
+        pruned = _prune_after(store, job, clock(), backup.run_id)
     if not runner.dry_run:
         log.info("backup %s published (%d messages, %d files, %d bytes, %d hard-linked)",
                  backup.path, messages, stats.files, stats.bytes, stats.linked)
@@ -281,7 +285,24 @@ def _run_backup(
         seconds=round(time.monotonic() - started, 3),
         dry_run=runner.dry_run,
         estimated=estimated,
+        pruned=pruned,
     )
+
+
+def _prune_after(store: BackupStore, job: Job, now: datetime, published: str) -> list[str]:
+    """Stage 8: apply the retention policy, under the store lock still held. The new backup
+    is published whatever happens here; a failure fails the run so that someone looks
+    before the disk fills up."""
+    if policy_of(job).keeps_everything:
+        return []
+    with stage("prune"):
+        try:
+            return prune_store(store, job, now).removed
+        except (OSError, MailsnapError) as exc:
+            raise PruneFailed(
+                f"backup {published} was published, but removing old backups failed: {exc}; "
+                f"fix that and run `mailsnap prune --job {job.name}`"
+            ) from exc
 
 
 def _recorded(backup: Backup, key: str) -> int:

@@ -85,6 +85,9 @@ class RunReport(BaseModel):
         "bytes_written, linked and bytes_linked to the previous backup, renames (linked "
         "under a new name or folder), hardlinked (hard links kept from the source). None for "
         "rsync.")
+    pruned: list[str] | None = Field(
+        default=None, description="Backups the retention policy removed after this one was "
+        "published.")
     dry_run: bool = False
     estimated: bool = False
     warnings: list[str] = Field(default_factory=list)
@@ -135,6 +138,7 @@ def succeeded(backup: BackupReport, recorder: Recorder, started: datetime,
         previous_messages=backup.previous_messages,
         passes=backup.passes,
         copy_summary=backup.copy,
+        pruned=backup.pruned,
         dry_run=backup.dry_run,
         estimated=backup.estimated,
         **_common(recorder, started, finished, backup.seconds),

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 import re
 import shutil
+import stat
 from typing import Any
 
 from mailsnap.backends.base import RUN_ID_RE
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "mailsnap.json"
 CONTENT = "mail"
 PARTIAL_SUFFIX = ".partial"
+DELETING_SUFFIX = ".deleting"
 LOCK_FILE = ".lock"
 LATEST = "latest"
 
@@ -104,7 +106,8 @@ class BackupStore:
             return []
         found = []
         for entry in sorted(self.root.iterdir()):
-            if not re.fullmatch(RUN_ID_RE, entry.name) or not entry.is_dir():
+            if (not re.fullmatch(RUN_ID_RE, entry.name) or entry.is_symlink()
+                    or not entry.is_dir()):
                 continue
             try:
                 manifest = json.loads((entry / MANIFEST).read_text())
@@ -198,6 +201,50 @@ class BackupStore:
         _fsync_dir(self.root)
         return Backup(final, manifest)
 
+    # -- removing (retention) ---------------------------------------------------------------
+
+    def latest_target(self) -> str | None:
+        """The run id ``latest`` points to, or None."""
+        link = self.root / LATEST
+        return os.readlink(link) if link.is_symlink() else None
+
+    def remove(self, run_id: str) -> None:
+        """Remove one published backup: rename it to ``<id>.deleting`` (one atomic step, after
+        which it is no longer published), then delete that. A crash in between leaves only a
+        ``.deleting`` directory, which ``finish_deletions`` removes on the next run. Refuses
+        anything that is not a real directory named like a backup directly in this store (a
+        symlink is never followed out of the target). Dry run: does nothing."""
+        if not re.fullmatch(RUN_ID_RE, run_id):
+            raise MailsnapError(f"refusing to remove {run_id!r}: not a backup name")
+        path = self.root / run_id
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode):
+            raise MailsnapError(f"refusing to remove {path}: not a directory (a symlink?)")
+        if self.dry_run:
+            return
+        doomed = self.root / f"{run_id}{DELETING_SUFFIX}"
+        os.rename(path, doomed)
+        _fsync_dir(self.root)
+        fault_point("mid-prune")
+        _remove_tree(doomed)
+
+    def finish_deletions(self) -> list[str]:
+        """Delete ``<id>.deleting`` directories that an interrupted prune left. Returns their
+        names. Dry run: returns them, deletes nothing."""
+        if not self.root.is_dir():
+            return []
+        left = sorted(
+            p for p in self.root.iterdir()
+            if p.name.endswith(DELETING_SUFFIX)
+            and re.fullmatch(RUN_ID_RE, p.name.removesuffix(DELETING_SUFFIX))
+            and not p.is_symlink()
+        )
+        for path in left:
+            log.warning("finishing the removal of %s (an interrupted prune)", path.name)
+            if not self.dry_run:
+                _remove_tree(path)
+        return [p.name for p in left]
+
     def repair_latest(self) -> str | None:
         """Point ``latest`` at the newest published backup if it points elsewhere (a run
         killed between its rename and the switch of ``latest``). Returns what it changed, or
@@ -219,6 +266,13 @@ class BackupStore:
             tmp.unlink()
         os.symlink(name, tmp)
         os.replace(tmp, link)
+
+
+def _remove_tree(path: Path) -> None:
+    """``shutil.rmtree`` works on directory file descriptors and never follows a symlink it
+    finds inside; a symlink at the top it refuses. Deleting a hard-link backup unlinks one name
+    per file; the messages live on in the other backups."""
+    shutil.rmtree(path)
 
 
 def _fsync_dir(path: Path) -> None:

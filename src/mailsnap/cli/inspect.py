@@ -115,6 +115,12 @@ def _check_job(job: Job, runner: Runner) -> list[dict[str, Any]]:
         rows.append({"job": job.name, "check": check, "ok": ok, "detail": detail})
 
     add("config", True, f"backend = {job.backend}")
+    from mailsnap.prune import policy_of
+
+    policy = policy_of(job)
+    add("retention", True, policy.describe() + (
+        ": the target grows every night; set keep_daily, keep_weekly … to prune"
+        if policy.keeps_everything else ""))
     src = job.source
     if not src.is_dir():
         add("source", False, f"{src}: not a directory")
