@@ -172,6 +172,17 @@ class JobBase(_Model):
         description="`mailsnap status` warns (exit 1) when the newest backup is older than "
         "this: '26h', '90m', '2d'.",
     )
+    verify: Literal["off", "snapshot"] = Field(
+        default="off",
+        description="'snapshot': before the snapshot is torn down, compare the finished copy "
+        "with it (names, types, sizes; content too with verify_deep) and do not publish a "
+        "copy that differs. Snapshot backends only.",
+    )
+    verify_deep: bool = Field(
+        default=False,
+        description="With verify = 'snapshot', also compare every file's content (reads "
+        "both copies in full).",
+    )
     keep_last: int | None = Field(default=None, ge=1, description="Retention: keep the N "
                                   "newest backups.")
     keep_hourly: int | None = Field(default=None, ge=1, description="Retention: keep the newest "
@@ -301,6 +312,15 @@ class LiveJob(JobBase):
     """No snapshot: the Maildir-aware live copier reads the running store directly."""
 
     backend: Literal["live"]
+
+    @field_validator("verify")
+    @classmethod
+    def _no_snapshot_to_verify_against(cls, value: str) -> str:
+        if value == "snapshot":
+            raise ValueError("backend 'live' has no snapshot to compare the copy with (the "
+                             "live tree changes while it is read); use `mailsnap verify` "
+                             "on the backup instead")
+        return value
 
     @field_validator("copier")
     @classmethod

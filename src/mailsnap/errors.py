@@ -81,6 +81,10 @@ class TargetFull(MailsnapError):
     """The target file system ran out of space or inodes."""
 
 
+class VerifyFailed(MailsnapError):
+    """The finished copy differs from the snapshot it was made from (``verify = snapshot``)."""
+
+
 class PruneFailed(MailsnapError):
     """Retention could not remove an old backup (the new one is published)."""
 

@@ -35,7 +35,14 @@ from mailsnap import __version__, progress
 from mailsnap.backends.base import Snapshot, snapshot_name
 from mailsnap.config import Job
 from mailsnap.copiers import Previous, make_copier
-from mailsnap.errors import CopyFailed, MailsnapError, PruneFailed, ShrinkRefused, TargetFull
+from mailsnap.errors import (
+    CopyFailed,
+    MailsnapError,
+    PruneFailed,
+    ShrinkRefused,
+    TargetFull,
+    VerifyFailed,
+)
 from mailsnap.faults import fault_point
 from mailsnap.hooks import Hooks
 from mailsnap.maildirs import survey
@@ -47,6 +54,7 @@ from mailsnap.session import Session, job_session, stage
 from mailsnap.signals import signals_unwind
 from mailsnap.sources import SourceIdentity, check_source, check_target_outside_source
 from mailsnap.store import CONTENT, Backup, BackupStore, run_id_for
+from mailsnap.verify import compare_with_source
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +229,8 @@ def _run_backup(
         fault_point("after-copy")
         with stage("verify snapshot" if view.point_in_time else "verify source"):
             view.check()
+        if job.verify == "snapshot":
+            compare_with_snapshot(job, view, partial / CONTENT, dry_run=runner.dry_run)
         estimated = runner.dry_run and view.point_in_time
         if stats.messages is not None and not estimated:
             messages = stats.messages  # counted by the copier as it went
@@ -287,6 +297,27 @@ def _run_backup(
         estimated=estimated,
         pruned=pruned,
     )
+
+
+def compare_with_snapshot(job: Job, view: View, content: Path, *, dry_run: bool) -> None:
+    """``verify = "snapshot"``: the copy against the still-mounted snapshot, before anything
+    is published. A difference fails the run; the .partial copy is discarded."""
+    if not view.point_in_time:
+        log.info("verify = snapshot: skipped, this run read the live tree (no snapshot)")
+        return
+    if dry_run:
+        log.info("[dry-run] would compare the copy with the snapshot%s",
+                 " (content too)" if job.verify_deep else "")
+        return
+    with stage("compare with snapshot"):
+        problems = compare_with_source(view.path, content, job.excludes, deep=job.verify_deep)
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; … {len(problems) - 10} more"
+                                            if len(problems) > 10 else "")
+        raise VerifyFailed(f"the copy differs from the snapshot in {len(problems)} places "
+                           f"({shown}); nothing was published")
+    log.info("the copy matches the snapshot (names, sizes%s)",
+             ", content" if job.verify_deep else "")
 
 
 def _prune_after(store: BackupStore, job: Job, now: datetime, published: str) -> list[str]:
