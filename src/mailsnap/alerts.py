@@ -16,9 +16,7 @@ from collections.abc import Sequence
 from email.message import EmailMessage
 import logging
 import time
-from urllib.error import URLError
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
-import urllib.request
 
 from mailsnap import __version__
 from mailsnap.config import Job
@@ -50,6 +48,10 @@ def redact(url: str) -> str:
 def ping(url: str, body: str | None = None) -> bool:
     """GET ``url`` (POST ``body`` when given), retried; True when it answered 2xx. A failure is
     logged, never raised. Not called in dry run."""
+    # Here, not at the top: only a job with a healthcheck_url loads the HTTP client.
+    from urllib.error import URLError
+    import urllib.request
+
     data = body.encode() if body is not None else None
     request = urllib.request.Request(
         url, data=data, method="POST" if data is not None else "GET",

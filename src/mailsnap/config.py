@@ -27,9 +27,10 @@ from pydantic import (
     model_validator,
 )
 
+from mailsnap.constants import BACKEND_NAMES as BACKEND_NAMES
+from mailsnap.constants import DEFAULT_CONFIG as DEFAULT_CONFIG
 from mailsnap.errors import ConfigError
 
-DEFAULT_CONFIG = Path("/etc/mailsnap.toml")
 JOB_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # Dovecot's lock files: meaningless in a backup and harmful in a restore. A Maildir's tmp/
 # content (half-written deliveries) is not a pattern here: every copier leaves it out by the
@@ -400,7 +401,6 @@ class ZfsJob(JobBase):
 
 
 Job = Annotated[BtrfsJob | LvmJob | ZfsJob | LiveJob | AutoJob, Field(discriminator="backend")]
-BACKEND_NAMES = ("auto", "btrfs", "lvm", "zfs", "live")
 
 
 class Config(_Model):

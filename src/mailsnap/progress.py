@@ -15,20 +15,13 @@ from collections.abc import Callable, Iterator
 import contextlib
 from contextvars import ContextVar
 import sys
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    SpinnerColumn,
-    TaskID,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+# rich is imported where a terminal display is made, not here: a run under cron or systemd
+# (no terminal) never loads it.
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import TaskID
 
 _console: Console | None = None
 
@@ -37,6 +30,8 @@ def stderr_console() -> Console:
     """The one rich console on stderr that both log lines and the display write to."""
     global _console
     if _console is None:
+        from rich.console import Console
+
         _console = Console(stderr=True)
     return _console
 
@@ -73,6 +68,18 @@ class TerminalDisplay(Display):
     own summary line says how it ended."""
 
     def __init__(self, console: Console) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            SpinnerColumn,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
         self.progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),

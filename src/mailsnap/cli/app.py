@@ -14,14 +14,22 @@ import logging
 import os
 from pathlib import Path
 import sys
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
-from rich.logging import RichHandler
 import typer
 
 from mailsnap import __version__, progress
-from mailsnap.config import BACKEND_NAMES, DEFAULT_CONFIG, Job, load_config, one_off_job
+from mailsnap.constants import BACKEND_NAMES, DEFAULT_CONFIG
 from mailsnap.errors import EXIT_FAILED, ConfigError, MailsnapError
+
+if TYPE_CHECKING:
+    from mailsnap.config import Job
+
+# Start-up time counts (``--help``, and every cron run): this module and the command modules
+# import only typer, the standard library and light mailsnap modules (errors, constants,
+# progress) at the top. What a command needs (pydantic and the config models, rich, sh, the
+# pipeline, the backends) is imported inside its body, so each command loads its own and
+# ``--help`` loads none of it. tests/test_cli_imports.py checks this.
 
 log = logging.getLogger("mailsnap")
 
@@ -90,6 +98,8 @@ def setup_logging(debug: bool, level: int | None = None) -> None:
         root.removeHandler(old)
     handler: logging.Handler
     if progress.on_terminal():
+        from rich.logging import RichHandler
+
         handler = RichHandler(console=progress.stderr_console(), show_path=False, markup=False,
                               log_time_format="%H:%M:%S")
     else:
@@ -139,6 +149,8 @@ def select_jobs(
     backend: str | None,
     copier: str | None = None,
 ) -> list[Job]:
+    from mailsnap.config import load_config, one_off_job
+
     if source is not None or target is not None:
         if source is None or target is None:
             raise ConfigError("--source and --target go together; give both, or use --config")

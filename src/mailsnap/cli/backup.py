@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-from rich.console import Console
 import typer
 
 from mailsnap import progress
-from mailsnap.alerts import ping_end, ping_start, send_alerts
 from mailsnap.cli.app import (
     BackendOpt,
     ConfigOpt,
@@ -31,14 +29,12 @@ from mailsnap.cli.app import (
     log_level,
     select_jobs,
 )
-from mailsnap.config import Job
 from mailsnap.errors import EXIT_OK, MailsnapError
-from mailsnap.metrics import update_metrics
-from mailsnap.pipeline import run_backup, utc_now
-from mailsnap.recorder import recording
-from mailsnap.report import RunReport, failed, save_report, succeeded
-from mailsnap.runner import Runner
-from mailsnap.signals import signals_unwind
+
+if TYPE_CHECKING:  # the run's own modules are imported when it runs (see cli/app.py)
+    from mailsnap.config import Job
+    from mailsnap.report import RunReport
+    from mailsnap.runner import Runner
 
 
 @app.command()
@@ -71,6 +67,10 @@ def backup(
         one_off = source is not None or target is not None
         everyone = jobs if job is None or one_off else select_jobs(config, None, None, None,
                                                                    None)
+
+        from mailsnap.runner import Runner
+        from mailsnap.signals import signals_unwind
+
         runner = Runner(dry_run=dry_run)
         reports: list[RunReport] = []
         worst = EXIT_OK
@@ -100,6 +100,12 @@ def _run_one(job: Job, runner: Runner, everyone: Sequence[Job], *, allow_shrink:
     ended, keep its report in the state directory, rewrite its metrics file, ping success or
     failure and send its alerts. None of those four can fail the backup or change its exit
     code; each logs a warning instead. Dry run: no report, metrics, ping or alert."""
+    from mailsnap.alerts import ping_end, ping_start, send_alerts
+    from mailsnap.metrics import update_metrics
+    from mailsnap.pipeline import run_backup, utc_now
+    from mailsnap.recorder import recording
+    from mailsnap.report import failed, save_report, succeeded
+
     started = utc_now()
     with recording() as recorder:
         if not runner.dry_run:
@@ -141,6 +147,8 @@ def _job_error(name: str, exc: Exception, *, debug: bool) -> MailsnapError:
 
 
 def _print_reports(reports: list[RunReport]) -> None:
+    from rich.console import Console
+
     console = Console()
     for r in reports:
         if r.error is not None:

@@ -7,7 +7,6 @@ from typing import Any
 
 import typer
 
-from mailsnap.cleanup import run_cleanup
 from mailsnap.cli.app import (
     BackendOpt,
     ConfigOpt,
@@ -22,7 +21,6 @@ from mailsnap.cli.app import (
     select_jobs,
 )
 from mailsnap.errors import EXIT_OK, Interrupted, MailsnapError
-from mailsnap.runner import Runner
 
 
 @app.command()
@@ -40,6 +38,9 @@ def cleanup(
     the job runs. Every run does this when it starts; this does it now."""
 
     def body() -> int:
+        from mailsnap.cleanup import run_cleanup
+        from mailsnap.runner import Runner
+
         jobs = select_jobs(config, job, source, target, backend)
         runner = Runner(dry_run=dry_run)
         results: list[dict[str, Any]] = []

@@ -6,13 +6,10 @@ import json
 import os
 from pathlib import Path
 import shutil
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
 import typer
 
-from mailsnap.backends import make_backend
 from mailsnap.cli.app import (
     BackendOpt,
     ConfigOpt,
@@ -27,11 +24,12 @@ from mailsnap.cli.app import (
     log,
     select_jobs,
 )
-from mailsnap.config import DEFAULT_CONFIG, Job, load_config
+from mailsnap.constants import DEFAULT_CONFIG
 from mailsnap.errors import EXIT_FAILED, EXIT_OK, ConfigError, MailsnapError
-from mailsnap.runner import Runner
-from mailsnap.sources import MAX_DEPTH, find_first_maildir
-from mailsnap.store import BackupStore
+
+if TYPE_CHECKING:  # imported when the command runs (see cli/app.py)
+    from mailsnap.config import Job
+    from mailsnap.runner import Runner
 
 
 @app.command("list")
@@ -45,6 +43,12 @@ def list_backups(
     """List published backups (from the config's jobs, or every job under --target)."""
 
     def body() -> int:
+        from rich.console import Console
+        from rich.table import Table
+
+        from mailsnap.config import load_config
+        from mailsnap.store import BackupStore
+
         stores: list[tuple[str, BackupStore]] = []
         if target is not None:
             root = target.expanduser().absolute()
@@ -90,6 +94,11 @@ def check(
     """Check config, tools, privileges, source and target without changing anything."""
 
     def body() -> int:
+        from rich.console import Console
+        from rich.table import Table
+
+        from mailsnap.runner import Runner
+
         jobs = select_jobs(config, job, source, target, backend)
         runner = Runner(dry_run=True)
         rows = [row for one in jobs for row in _check_job(one, runner)]
@@ -109,6 +118,9 @@ def check(
 
 
 def _check_job(job: Job, runner: Runner) -> list[dict[str, Any]]:
+    from mailsnap.backends import make_backend
+    from mailsnap.sources import MAX_DEPTH, find_first_maildir
+
     rows: list[dict[str, Any]] = []
 
     def add(check: str, ok: bool, detail: str) -> None:

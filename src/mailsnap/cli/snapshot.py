@@ -24,10 +24,7 @@ from mailsnap.cli.app import (
     one_off_name,
     select_jobs,
 )
-from mailsnap.config import default_run_dir, one_off_job
 from mailsnap.errors import EXIT_FAILED, EXIT_OK, ConfigError
-from mailsnap.pipeline import run_with_snapshot
-from mailsnap.runner import Runner
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -50,6 +47,10 @@ def snapshot(
     tear down. The command: --exec 'CMD ARGS' or everything after `--`."""
 
     def body() -> int:
+        from mailsnap.config import one_off_job
+        from mailsnap.pipeline import run_with_snapshot
+        from mailsnap.runner import Runner
+
         argv = shlex.split(exec_) if exec_ else list(ctx.args)
         if not argv:
             raise ConfigError("snapshot needs a command: --exec 'CMD' or `-- CMD ARGS…`")
@@ -73,4 +74,6 @@ def snapshot(
 
 def _private_target() -> Path:
     """A one-off ``snapshot`` has no target; its run lock lives in mailsnap's run directory."""
+    from mailsnap.config import default_run_dir
+
     return default_run_dir() / "snapshot-locks"

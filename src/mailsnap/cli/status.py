@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -32,10 +32,11 @@ from mailsnap.cli.app import (
     guarded,
     select_jobs,
 )
-from mailsnap.config import Job
 from mailsnap.errors import EXIT_FAILED, EXIT_OK
-from mailsnap.pipeline import utc_now
-from mailsnap.report import RunReport, last_report, newest_backup_time
+
+if TYPE_CHECKING:  # imported when the command runs (see cli/app.py)
+    from mailsnap.config import Job
+    from mailsnap.report import RunReport
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ class JobStatus:
 
 def assess(job: Job, now: datetime) -> JobStatus:
     """The status of ``job`` at ``now``. Read-only."""
+    from mailsnap.report import last_report, newest_backup_time
+
     newest = newest_backup_time(job)
     last = last_report(job)
     problems = []
@@ -141,6 +144,8 @@ def status(
     def body() -> int:
         # --source/--target: the one-off job a cron line like `backup --source … --target …`
         # runs (same name rule, default state directory), so it can be checked too.
+        from mailsnap.pipeline import utc_now
+
         jobs = select_jobs(config, job, source, target, None)
         now = utc_now()
         found = [assess(one, now) for one in jobs]

@@ -1,0 +1,95 @@
+"""What the CLI loads at start-up (issue #9): structural checks of ``sys.modules`` in a fresh
+interpreter, not timings. ``--version`` and ``--help`` must not pay for the config models, the
+pipeline, the backends or the alert and metrics libraries; a run loads what it uses."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+import shutil
+import subprocess
+import sys
+from typing import get_args
+
+import pytest
+from typer.testing import CliRunner
+
+from mailsnap import __version__
+from mailsnap.cli import app
+from mailsnap.config import BACKEND_NAMES, Job
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "Maildir"
+ENTRY = "from mailsnap.__main__ import main\nmain()"  # the console script's
+
+# Heavy for a start-up; each is imported by the command that uses it.
+NOT_AT_STARTUP = ("pydantic", "rich", "sh", "apprise", "prometheus_client", "mailsnap.config",
+                  "mailsnap.pipeline", "mailsnap.backends", "mailsnap.copiers",
+                  "mailsnap.runner", "mailsnap.report", "mailsnap.alerts", "mailsnap.metrics")
+
+
+def loaded_after(code: str, *argv: str, env: dict[str, str] | None = None) -> set[str]:
+    """The modules a fresh interpreter holds after running ``code`` with ``sys.argv[1:]`` =
+    ``argv``; a ``SystemExit`` from the CLI ends ``code`` as it would end the command."""
+    probe = (f"import json, sys\nsys.argv[1:] = {list(argv)!r}\ntry:\n"
+             + "".join(f"    {line}\n" for line in code.splitlines())
+             + "except SystemExit:\n    pass\n"
+             "print('\\n' + json.dumps(sorted(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, env=env).stdout
+    return set(json.loads(out.splitlines()[-1]))
+
+
+def among(modules: set[str], names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` (or a submodule of one) is in ``modules``."""
+    return sorted(n for n in names if any(m == n or m.startswith(n + ".") for m in modules))
+
+
+def test_version_is_answered_before_typer_loads() -> None:
+    modules = loaded_after(ENTRY, "--version")
+    assert among(modules, ("typer", "click", "mailsnap.cli.app", *NOT_AT_STARTUP)) == []
+
+
+def test_version_prints_what_the_option_prints() -> None:
+    fast = subprocess.run([sys.executable, "-m", "mailsnap", "--version"], capture_output=True,
+                          text=True, check=True)
+    # The typer option answers when --version comes with other arguments.
+    option = subprocess.run([sys.executable, "-m", "mailsnap", "--version", "--help"],
+                            capture_output=True, text=True, check=True)
+    assert fast.stdout == option.stdout == CliRunner().invoke(app, ["--version"]).stdout
+    assert fast.stdout == f"mailsnap {__version__}\n"
+
+
+def test_importing_the_cli_loads_no_command_s_dependencies() -> None:
+    modules = loaded_after("from mailsnap.cli import app")
+    assert "mailsnap.cli.backup" in modules  # the commands are registered
+    assert among(modules, NOT_AT_STARTUP) == []
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["backup", "--help"], ["status", "--help"]])
+def test_help_loads_no_command_s_dependencies(argv: list[str]) -> None:
+    modules = loaded_after(ENTRY, *argv)
+    # typer formats help with rich (and coerces parameters with pydantic) on its own account.
+    assert among(modules, tuple(m for m in NOT_AT_STARTUP if m not in ("rich", "pydantic"))) == []
+
+
+def test_a_backup_without_a_terminal_loads_neither_rich_nor_alerting_libraries(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "Maildir"
+    shutil.copytree(EXAMPLE, source)
+    env = {**os.environ, "MAILSNAP_RUN_DIR": str(tmp_path / "run"),
+           "MAILSNAP_STATE_DIR": str(tmp_path / "state")}
+    modules = loaded_after(ENTRY, "backup", "--source", str(source), "--target",
+                           str(tmp_path / "backups"), "--backend", "live", "--json", env=env)
+    assert (tmp_path / "backups" / "mail").is_dir()  # it ran
+    assert "mailsnap.pipeline" in modules
+    assert among(modules, ("rich", "apprise", "prometheus_client", "urllib.request")) == []
+
+
+def test_backend_names_are_the_job_models_tags() -> None:
+    """``mailsnap.constants`` names the backends for the CLI's help without loading the models;
+    it must name exactly the models' ``backend`` tags."""
+    (union, _) = get_args(Job)
+    tags = {get_args(model.model_fields["backend"].annotation)[0] for model in get_args(union)}
+    assert sorted(BACKEND_NAMES) == sorted(tags)
