@@ -173,6 +173,12 @@ class JobBase(_Model):
         description="`mailsnap status` warns (exit 1) when the newest backup is older than "
         "this: '26h', '90m', '2d'.",
     )
+    users: str | None = Field(
+        default=None,
+        description="Where each user's Maildir is below the source, for restore and the "
+        "per-user views: '{domain}/{user}/Maildir' ({user} is the part before '@'), "
+        "'{user}/Maildir', or '' when the source is a single Maildir.",
+    )
     verify: Literal["off", "snapshot"] = Field(
         default="off",
         description="'snapshot': before the snapshot is torn down, compare the finished copy "
@@ -221,6 +227,24 @@ class JobBase(_Model):
         description="healthchecks.io-style ping URL: <url>/start when a run starts, <url> on "
         "success, <url>/fail (with the log tail) on failure.",
     )
+
+    @field_validator("users")
+    @classmethod
+    def _layout(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if value.startswith("/") or ".." in value.split("/"):
+            raise ValueError("a path relative to the source, without '..': "
+                             "'{domain}/{user}/Maildir', '{user}/Maildir' or ''")
+        try:
+            value.format(user="u", domain="d", login="u@d")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("only {user}, {domain} and {login} can be filled in, e.g. "
+                             "'{domain}/{user}/Maildir'") from None
+        if value and "{user}" not in value and "{login}" not in value:
+            raise ValueError("must contain {user} (or {login}), or be '' for a source that is "
+                             "a single Maildir")
+        return value
 
     @field_validator("retention_timezone")
     @classmethod

@@ -5,7 +5,16 @@
 from __future__ import annotations
 
 # Importing a command module registers its commands on ``app``.
-from mailsnap.cli import backup, cleanup, inspect, prune, snapshot, status, verify  # noqa: F401
+from mailsnap.cli import (  # noqa: F401
+    backup,
+    cleanup,
+    inspect,
+    prune,
+    restore,
+    snapshot,
+    status,
+    verify,
+)
 from mailsnap.cli.app import app, main
 
 __all__ = ["app", "main"]
