@@ -183,3 +183,40 @@ def test_folder_names_round_trip() -> None:
         assert folder_name(disk) == imap.replace("/", ".")
     with pytest.raises(RestoreRefused):
         folder_dir("..")
+
+
+def example_counts() -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for directory in [EXAMPLE, *sorted(EXAMPLE.glob(".*"))]:
+        if not (directory / "cur").is_dir():
+            continue
+        name = folder_name(directory.name if directory != EXAMPLE else "")
+        counts[name] = sum(1 for sub in ("cur", "new") for p in (directory / sub).iterdir()
+                           if not p.name.startswith("."))
+    return counts
+
+
+def test_show_lists_a_users_folders(store: dict[str, Path]) -> None:
+    run = mailsnap("show", "latest", "--config", store["config"], "--job", "mail", "--user",
+                   "alice@example.org", "--json")
+    assert run.returncode == 0, run.stderr
+    folders = json.loads(run.stdout)["folders"]
+    assert {name: f["messages"] for name, f in folders.items()} == example_counts()
+    assert all(f["oldest"] <= f["newest"] for f in folders.values())
+    table = mailsnap("show", "latest", "--config", store["config"], "--job", "mail", "--user",
+                     "alice@example.org", "--folder", "Sent")
+    assert "Sent" in table.stdout and "INBOX" not in table.stdout
+    missing = mailsnap("show", "latest", "--config", store["config"], "--job", "mail",
+                       "--user", "carol@example.org")
+    assert missing.returncode != 0 and "not in backup" in missing.stderr
+
+
+def test_list_has_per_user_totals(store: dict[str, Path]) -> None:
+    total = sum(example_counts().values())
+    run = mailsnap("list", "--config", store["config"], "--json")
+    assert run.returncode == 0, run.stderr
+    users = json.loads(run.stdout)["backups"][0]["users"]
+    assert {u: t["messages"] for u, t in users.items()} == {
+        "alice@example.org": total, "bob@example.org": total}
+    one = mailsnap("list", "--config", store["config"], "--user", "bob@example.org", "--json")
+    assert json.loads(one.stdout)["backups"][0]["user_messages"] == total

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 import shutil
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -32,50 +32,126 @@ if TYPE_CHECKING:  # imported when the command runs (see cli/app.py)
     from mailsnap.runner import Runner
 
 
+UserOpt = Annotated[str | None, typer.Option(
+    "--user", help="Only this user's mail (alice@example.org), found by the job's `users`.")]
+
+
 @app.command("list")
 def list_backups(
     config: ConfigOpt = None,
     job: JobOpt = None,
     target: TargetOpt = None,
+    user: UserOpt = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """List published backups (from the config's jobs, or every job under --target)."""
+    """List published backups (from the config's jobs, or every job under --target). With
+    --user, how much of that user's mail each backup holds. --json adds per-user totals for
+    jobs with a `users` layout."""
 
     def body() -> int:
         from rich.console import Console
         from rich.table import Table
 
+        from mailsnap.browse import per_folder, per_user
         from mailsnap.config import load_config
         from mailsnap.store import BackupStore
 
-        stores: list[tuple[str, BackupStore]] = []
+        stores: list[tuple[str, BackupStore, str | None]] = []
         if target is not None:
+            if user is not None:
+                raise ConfigError("--user needs the job's `users` layout: use --config")
             root = target.expanduser().absolute()
             if not root.is_dir():
                 raise ConfigError(f"--target {root}: no such directory")
             names = sorted(p.name for p in root.iterdir() if p.is_dir())
-            stores = [(n, BackupStore(root / n)) for n in names if job in (None, n)]
+            stores = [(n, BackupStore(root / n), None) for n in names if job in (None, n)]
         else:
             for one in load_config(config or DEFAULT_CONFIG).select(job):
-                stores.append((one.name, BackupStore(one.target / one.name)))
-        rows = []
-        for name, store in stores:
+                stores.append((one.name, BackupStore(one.target / one.name), one.users))
+        rows: list[dict[str, Any]] = []
+        for name, store, layout in stores:
             for b in store.backups():
                 m = b.manifest
-                rows.append({"job": name, "backup": str(b.path), "run_id": b.run_id,
-                             "backend": m.get("backend"), "point_in_time": m.get("point_in_time"),
-                             "files": m.get("files"), "bytes": m.get("bytes"),
-                             "started": m.get("started"), "finished": m.get("finished")})
+                row: dict[str, Any] = {
+                    "job": name, "backup": str(b.path), "run_id": b.run_id,
+                    "backend": m.get("backend"), "point_in_time": m.get("point_in_time"),
+                    "files": m.get("files"), "bytes": m.get("bytes"),
+                    "messages": m.get("messages"),
+                    "started": m.get("started"), "finished": m.get("finished")}
+                if user is not None:
+                    folders = per_folder(b, layout, user)
+                    row["user"] = user
+                    row["user_messages"] = sum(t.messages for t in folders.values())
+                    row["user_bytes"] = sum(t.bytes for t in folders.values())
+                elif as_json and layout is not None:
+                    row["users"] = {u: t.as_dict() for u, t in per_user(b, layout).items()}
+                rows.append(row)
         if as_json:
             typer.echo(json.dumps({"status": "ok", "backups": rows}, indent=2))
             return EXIT_OK
-        table = Table("job", "backup", "backend", "kind", "files", "size")
-        for r in rows:
-            kind = "snapshot" if r["point_in_time"] else "live copy"
-            table.add_row(r["job"], r["run_id"], str(r["backend"]), kind, str(r["files"]),
-                          human_size(int(r["bytes"] or 0)))
+        if user is not None:
+            table = Table("job", "backup", "kind", f"messages of {user}", "size")
+            for r in rows:
+                kind = "snapshot" if r["point_in_time"] else "live copy"
+                table.add_row(r["job"], r["run_id"], kind, str(r["user_messages"]),
+                              human_size(int(r["user_bytes"])))
+        else:
+            table = Table("job", "backup", "backend", "kind", "files", "size")
+            for r in rows:
+                kind = "snapshot" if r["point_in_time"] else "live copy"
+                table.add_row(r["job"], r["run_id"], str(r["backend"]), kind, str(r["files"]),
+                              human_size(int(r["bytes"] or 0)))
         Console().print(table if rows else "no backups yet")
+        return EXIT_OK
+
+    guarded(debug, as_json, body)
+
+
+@app.command()
+def show(
+    backup: Annotated[str, typer.Argument(help="A backup's run id, or 'latest'.")],
+    user: Annotated[str, typer.Option("--user", help="Whose mail (alice@example.org).")],
+    config: ConfigOpt = None,
+    job: JobOpt = None,
+    folder: Annotated[str | None, typer.Option("--folder", help="Only this folder.")] = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Per folder of one user in one backup: messages, size, oldest and newest date; to pick
+    what to restore."""
+
+    def body() -> int:
+        from rich.console import Console
+        from rich.table import Table
+
+        from mailsnap.browse import exists, per_folder
+        from mailsnap.store import BackupStore
+
+        jobs = select_jobs(config, job, None, None, None)
+        if len(jobs) != 1:
+            raise ConfigError("show works on one job: give --job NAME")
+        one = jobs[0]
+        backups = BackupStore(one.target / one.name).backups()
+        chosen = backups[-1:] if backup == "latest" else [
+            b for b in backups if b.run_id == backup]
+        if not chosen:
+            raise ConfigError(f"job {one.name!r} has no published backup {backup!r}; "
+                              f"`mailsnap list --job {one.name}` shows them")
+        if not exists(chosen[0].content, one.users, user):
+            raise ConfigError(f"--user {user!r}: not in backup {chosen[0].run_id}")
+        folders = per_folder(chosen[0], one.users, user, folder)
+        if as_json:
+            typer.echo(json.dumps({"status": "ok", "job": one.name, "backup": chosen[0].run_id,
+                                   "user": user, "folders": {
+                                       f: t.as_dict() for f, t in folders.items()}}, indent=2))
+            return EXIT_OK
+        table = Table("folder", "messages", "size", "oldest", "newest")
+        for name, totals in folders.items():
+            info = totals.as_dict()
+            table.add_row(name, str(totals.messages), human_size(totals.bytes),
+                          str(info["oldest"] or "")[:10], str(info["newest"] or "")[:10])
+        Console().print(table if folders else f"no mail of {user} in {chosen[0].run_id}")
         return EXIT_OK
 
     guarded(debug, as_json, body)
