@@ -184,3 +184,27 @@ def test_sigkill_mid_prune_then_a_normal_run_finishes_it(
     assert not list(store.root.glob("*.deleting"))
     # What is left is whole: the newest backup still equals the source it was taken from.
     assert diff_trees(mail, newest.content) == []
+
+
+def test_a_backup_killed_while_pruning_stays_published_and_the_next_run_finishes(
+    source: Path, tmp_path: Path
+) -> None:
+    job = job_of(source, tmp_path / "b", keep_last=1)
+    first = make_backups(job, [START])[0]
+    config = write_config(tmp_path / "c.toml", job, keep_last=1)
+    env = {"MAILSNAP_FAULT": "mid-prune:SIGKILL", "MAILSNAP_RUN_DIR": str(tmp_path / "run")}
+    killed = mailsnap("backup", "--config", config, env=env)
+    assert killed.returncode == -9, killed.stderr
+    store = store_of(job)
+    newest = published(job)
+    assert len(newest) == 1 and newest[0] != first  # the new one is published …
+    assert store.latest_target() == newest[0]
+    assert [p.name for p in store.root.glob("*.deleting")] == [f"{first}.deleting"]
+    cleanup = mailsnap("cleanup", "--config", config, "--dry-run",
+                       env={"MAILSNAP_RUN_DIR": str(tmp_path / "run")})
+    assert f"half-pruned backup {first}.deleting" in cleanup.stdout, cleanup.stdout
+    again = mailsnap("backup", "--config", config,
+                     env={"MAILSNAP_RUN_DIR": str(tmp_path / "run")})
+    assert again.returncode == 0, again.stderr
+    assert not list(store.root.glob("*.deleting"))
+    assert len(published(job)) == 1

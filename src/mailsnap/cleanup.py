@@ -42,6 +42,7 @@ def run_cleanup(job: Job, runner: Runner) -> list[str]:
             if not runner.dry_run:
                 session.enter(store.locked())
             removed += [f"partial backup {p}" for p in store.sweep_partials()]
+            removed += [f"half-pruned backup {n}" for n in store.finish_deletions()]
             repaired = store.repair_latest()
             if repaired:
                 removed.append(f"stale link {repaired}")

@@ -194,6 +194,7 @@ def _run_backup(
         if not runner.dry_run:
             session.enter(store.locked())
         store.sweep_partials()
+        store.finish_deletions()  # a prune killed midway: no policy needed to finish it
         run_id = store.new_run_id(clock())
         hooks.run_id = run_id
         view = open_view(session, run_id)
