@@ -341,3 +341,18 @@ def test_a_few_vanished_messages_are_info(
 )
 def test_vanished_threshold(vanished: int, files: int, abnormal: bool) -> None:
     assert maildir_module.vanished_is_abnormal(vanished, files) is abnormal
+
+
+@pytest.mark.parametrize("digits", ["20", "2"])
+def test_a_name_whose_size_the_previous_copy_lacks_is_copied_again(
+    store: Path, tmp_path: Path, digits: str
+) -> None:
+    """A delivery caught with its data not yet written (``mail_fsync = never``): the name says
+    S=20, the first backup got 0 bytes. The next one must copy it, not link the empty file;
+    and S=2 must not pass for S=20 (the sizes are compared whole, not as prefixes)."""
+    name = f"1800000000.M1P1.host,S={digits}:2,S"
+    (store / "cur" / name).write_bytes(b"" if digits == "20" else b"12345678901234567890")
+    copy(store, tmp_path / "one", frozen=True)
+    (store / "cur" / name).write_bytes(b"x" * int(digits))
+    copy(store, tmp_path / "two", previous=tmp_path / "one", frozen=True)
+    assert (tmp_path / "two" / "cur" / name).read_bytes() == b"x" * int(digits)

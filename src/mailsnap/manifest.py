@@ -62,8 +62,8 @@ class ManifestDamaged(MailsnapError):
 
 
 def escape(path: str) -> str:
-    if _NEEDS_ESCAPE.search(path) is None:
-        return path
+    if "\\" not in path and "\t" not in path and "\n" not in path:
+        return path  # nearly always: three scans in C are cheaper than a regex call
     return _NEEDS_ESCAPE.sub(lambda m: _ESCAPES[m.group(0)], path)
 
 

@@ -22,16 +22,22 @@ def base_name(filename: str) -> str:
     return filename.split(INFO_SEPARATOR, 1)[0]
 
 
-def size_in_name(filename: str) -> int | None:
-    """Dovecot's ``,S=<size>`` in a message's base name (the file's size on disk), or None.
-    It lets a message be matched to the previous backup without a ``stat``."""
-    base = base_name(filename)
+def size_digits(filename: str) -> str | None:
+    """The digits of Dovecot's ``,S=<size>`` in a message's base name, or None."""
+    base = filename.split(INFO_SEPARATOR, 1)[0]
     at = base.find(",S=")
     if at < 0:
         return None
     end = base.find(",", at + 3)
     digits = base[at + 3 : end if end >= 0 else len(base)]
-    return int(digits) if digits.isdigit() else None
+    return digits if digits.isdigit() else None
+
+
+def size_in_name(filename: str) -> int | None:
+    """Dovecot's ``,S=<size>`` in a message's base name (the file's size on disk), or None.
+    It lets a message be matched to the previous backup without a ``stat``."""
+    digits = size_digits(filename)
+    return int(digits) if digits is not None else None
 
 
 def tail_of(info: os.stat_result, sha256: str) -> str:
