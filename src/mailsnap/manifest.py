@@ -13,9 +13,11 @@ UTF-8 are kept as they are (surrogate escapes), so any Maildir folder name round
     L  <path>  <link target>  <uid>  <gid>  <mtime_ns>
     E  <records>
 
-``how`` is ``copied`` (written, hashed now), ``linked`` (a hard link to the previous backup;
-its hash carried over, so a message is hashed once in its life) or ``hardlink`` (a hard link to
-an earlier file of this backup: Dovecot's COPY hard-links a message into the new folder).
+``how`` is ``copied`` (written, hashed now), ``reflinked`` (a new file sharing the snapshot's
+extents when both are on one btrfs or XFS: hashed, nothing written), ``linked`` (a hard link to
+the previous backup; its hash carried over, so a message is hashed once in its life) or
+``hardlink`` (a hard link to an earlier file of this backup: Dovecot's COPY hard-links a
+message into the new folder).
 A message's base name is its name up to ``:2,`` and is not stored. ``D`` records keep the
 source directory's times and inode, which a later run can compare to skip unchanged folders.
 
@@ -50,6 +52,7 @@ VERSION = "1"
 COPIED = "copied"
 LINKED = "linked"
 HARDLINK = "hardlink"
+REFLINKED = "reflinked"
 
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n"}
 _NEEDS_ESCAPE = re.compile(r"[\\\t\n]")

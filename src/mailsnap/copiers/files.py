@@ -5,6 +5,8 @@ Shared by the one-pass walk of a frozen snapshot and the live copier's re-scanni
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import stat
@@ -50,19 +52,53 @@ def same_file(tail: str, info: os.stat_result) -> bool:
     return tail.rsplit("\t", 1)[0] == tail_of(info, "").rstrip("\t")
 
 
-def copy_open_file(fd: int, info: os.stat_result, target: str) -> str:
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+# errnos that say "no reflink between these two files", as opposed to a real failure.
+NO_REFLINK = frozenset({errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL,
+                        errno.EPERM, errno.ENOSYS})
+
+
+class Reflinks:
+    """Whether to try ``FICLONE`` (a copy that shares the source's extents: no data written)
+    for the next file. One refusal for a reason that holds for every file (another file
+    system, no reflink support) turns it off for the rest of the copy."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    def clone(self, source: int, target: int) -> bool:
+        if not self.enabled:
+            return False
+        try:
+            fcntl.ioctl(target, FICLONE, source)
+        except OSError as exc:
+            if exc.errno in NO_REFLINK:
+                self.enabled = False
+                return False
+            raise
+        return True
+
+
+def copy_open_file(fd: int, info: os.stat_result, target: str,
+                   reflinks: Reflinks | None = None) -> tuple[str, bool]:
     """Copy the open source file ``fd`` (described by ``info``) to a new file ``target`` with
-    its owner (as root), mode and times, hashing it on the way. Returns the sha256 hex digest.
-    Not fsync'ed: the store syncs the whole target file system once before publishing."""
+    its owner (as root), mode and times, hashing it on the way. Returns the sha256 hex digest
+    and whether the data was reflinked (shared with the source, not written) rather than
+    copied. Not fsync'ed: the store syncs the whole target file system once before
+    publishing."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
         out = os.open(target, flags, 0o600)
     except OSError as exc:
         raise CopyFailed(f"cannot write {target}: {exc.strerror}") from None
     digest = hashlib.sha256()
+    cloned = False
     try:
+        cloned = reflinks is not None and reflinks.clone(fd, out)
         while chunk := os.read(fd, CHUNK):
             digest.update(chunk)
+            if cloned:
+                continue
             view = memoryview(chunk)
             while view:
                 view = view[os.write(out, view):]
@@ -74,7 +110,7 @@ def copy_open_file(fd: int, info: os.stat_result, target: str) -> str:
         raise CopyFailed(f"cannot write {target}: {exc.strerror}") from None
     finally:
         os.close(out)
-    return digest.hexdigest()
+    return digest.hexdigest(), cloned
 
 
 def hash_file(path: str) -> str:

@@ -42,6 +42,7 @@ from mailsnap.copiers.base import CopyStats
 from mailsnap.copiers.excludes import ExcludeMatcher
 from mailsnap.copiers.files import (
     IS_ROOT,
+    Reflinks,
     base_name,
     copy_open_file,
     copy_symlink,
@@ -56,6 +57,7 @@ from mailsnap.manifest import (
     COPIED,
     HARDLINK,
     LINKED,
+    REFLINKED,
     ManifestWriter,
     PreviousManifest,
     Section,
@@ -110,6 +112,7 @@ class _Result:
     linked: int = 0
     bytes_linked: int = 0
     renames: int = 0
+    reflinked: int = 0
 
     def link(self, rel: str, tail: str, size: int, *, renamed: bool) -> None:
         self.lines.append(f"F\t{escape(rel)}\t{LINKED}\t{tail}\n")
@@ -120,13 +123,16 @@ class _Result:
         self.bytes_linked += size
         self.renames += renamed
 
-    def copy(self, rel: str, tail: str, size: int) -> None:
-        self.lines.append(f"F\t{escape(rel)}\t{COPIED}\t{tail}\n")
+    def copy(self, rel: str, tail: str, size: int, *, reflinked: bool = False) -> None:
+        self.lines.append(f"F\t{escape(rel)}\t{REFLINKED if reflinked else COPIED}\t{tail}\n")
         self.tails[rel] = tail
         self.files += 1
         self.bytes += size
-        self.copied += 1
-        self.bytes_written += size
+        if reflinked:  # shares the snapshot's extents: nothing written
+            self.reflinked += 1
+        else:
+            self.copied += 1
+            self.bytes_written += size
 
 
 @dataclass
@@ -174,6 +180,8 @@ class FrozenCopy:
         self.directories: list[tuple[str, os.stat_result]] = []
         self.last_watch = self.last_progress = time.monotonic()
         self.pool: ThreadPoolExecutor | None = None
+        # A snapshot on the target's own btrfs (or XFS): new messages share its extents.
+        self.reflinks = Reflinks(enabled=not dry_run)
 
     # -- the walk --------------------------------------------------------------------------
 
@@ -288,6 +296,7 @@ class FrozenCopy:
             summary.linked += result.linked
             summary.bytes_linked += result.bytes_linked
             summary.renames += result.renames
+            summary.reflinked += result.reflinked
         self.stats.linked = summary.linked + summary.hardlinked
         if self.manifest is not None and lines:
             self.manifest.section(section.key, lines)
@@ -424,10 +433,11 @@ class FrozenCopy:
             raise CopyFailed(f"cannot read {src}: {exc.strerror}") from None
         try:
             info = os.fstat(fd)
-            sha = "" if self.dry_run else copy_open_file(fd, info, dst)
+            sha, cloned = ("", False) if self.dry_run else copy_open_file(fd, info, dst,
+                                                                          self.reflinks)
         finally:
             os.close(fd)
-        result.copy(child, tail_of(info, sha), info.st_size)
+        result.copy(child, tail_of(info, sha), info.st_size, reflinked=cloned)
         self.inodes[info.st_ino] = child
         return info.st_ino
 

@@ -510,7 +510,7 @@ class LiveCopy:
         self.stats.bytes += info.st_size
         self._report()
         summary = self.stats.summary
-        sha = "" if self.dry_run else copy_open_file(fd, info, str(self.dest / rel))
+        sha = "" if self.dry_run else copy_open_file(fd, info, str(self.dest / rel))[0]
         self.records[rel] = _Record(section, COPIED, tail_of(info, sha))
         summary.copied += 1
         summary.bytes_written += info.st_size
