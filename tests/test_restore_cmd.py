@@ -220,3 +220,20 @@ def test_list_has_per_user_totals(store: dict[str, Path]) -> None:
         "alice@example.org": total, "bob@example.org": total}
     one = mailsnap("list", "--config", store["config"], "--user", "bob@example.org", "--json")
     assert json.loads(one.stdout)["backups"][0]["user_messages"] == total
+
+
+def test_since_and_until_select_by_date_received(store: dict[str, Path]) -> None:
+    alice = store["alice"]
+    shutil.rmtree(alice / ".Archive")
+    result = restore(store, "--user", "alice@example.org", "--into", "live", "--folder",
+                     "Archive", "--since", "2100-01-01", "--dry-run")
+    assert result["restored"] == 0
+    result = restore(store, "--user", "alice@example.org", "--into", "live", "--folder",
+                     "Archive", "--until", "2100-01-01", "--dry-run")
+    assert result["restored"] == 4
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc", "a/../b", ".."])
+def test_folder_names_that_walk_are_refused(name: str) -> None:
+    with pytest.raises(RestoreRefused):
+        folder_dir(name)

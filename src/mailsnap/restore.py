@@ -93,6 +93,9 @@ def folder_dir(folder: str) -> str:
     is taken as the directory name itself."""
     if folder.upper() == "INBOX" or folder == "":
         return ""
+    if any(part in ("", ".", "..") for part in folder.lstrip(".").split("/")) \
+            or folder.startswith("/"):
+        raise RestoreRefused(f"--folder {folder!r}: not a folder name (no '/', '..' or NUL)")
     if folder.startswith("."):
         on_disk = folder
     else:
