@@ -269,6 +269,10 @@ def test_jobs_sharing_a_metrics_file_keep_each_others_lines(env: Env) -> None:
         assert metrics[("mailsnap_last_run_success", job)] == 1
         assert metrics[("mailsnap_last_run_messages", job)] > 0
         assert metrics[("mailsnap_last_run_bytes", job)] > 0
+        # The first backup of each job copies everything: what it wrote is what it holds.
+        assert metrics[("mailsnap_last_run_bytes_written", job)] == metrics[
+            ("mailsnap_last_run_bytes", job)]
+        assert metrics[("mailsnap_last_run_renames", job)] == 0
         assert metrics[("mailsnap_last_run_duration_seconds", job)] > 0
         assert metrics[("mailsnap_last_success_timestamp_seconds", job)] <= utc_now().timestamp()
     env.break_source()

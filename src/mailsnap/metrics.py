@@ -29,6 +29,11 @@ GAUGES = (
     ("mailsnap_last_run_bytes", "Total size of the files in the last run's backup."),
     ("mailsnap_last_run_new_files", "Files copied anew (not hard-linked) by the last run."),
     ("mailsnap_last_run_messages", "Messages in the last run's backup."),
+    ("mailsnap_last_run_bytes_written",
+     "Bytes the last run wrote to the target (copied, not linked or reflinked)."),
+    ("mailsnap_last_run_renames",
+     "Messages the last run found renamed or moved and hard-linked to the previous backup."),
+    ("mailsnap_last_run_pruned", "Backups the last run's retention removed."),
     ("mailsnap_last_run_snapshot_hold_seconds",
      "How long the last run's snapshot existed (snapshot creation to teardown)."),
     ("mailsnap_last_run_warnings", "Warnings the last run logged."),
@@ -56,9 +61,18 @@ def facts(job: Job, report: RunReport | None,
         "mailsnap_last_run_bytes": report.bytes,
         "mailsnap_last_run_new_files": report.new_files,
         "mailsnap_last_run_messages": report.messages,
+        "mailsnap_last_run_bytes_written": _copy_fact(report, "bytes_written"),
+        "mailsnap_last_run_renames": _copy_fact(report, "renames"),
+        "mailsnap_last_run_pruned": None if report.pruned is None else float(len(report.pruned)),
         "mailsnap_last_run_snapshot_hold_seconds": report.snapshot_seconds,
         "mailsnap_last_run_warnings": float(len(report.warnings)),
     }
+
+
+def _copy_fact(report: RunReport, key: str) -> float | None:
+    """A number from the Maildir copier's summary (None for rsync, which keeps none)."""
+    copied = report.copy_summary
+    return None if copied is None or key not in copied else float(copied[key])
 
 
 def write_metrics(path: Path, jobs: Sequence[Job]) -> None:
