@@ -46,7 +46,6 @@ from mailsnap.copiers.files import (
     base_name,
     copy_open_file,
     copy_symlink,
-    hash_file,
     make_directory,
     same_file,
     size_digits,
@@ -102,7 +101,6 @@ class _Result:
     """What one task did; merged into the section and the stats by the calling thread."""
 
     lines: list[str] = field(default_factory=list)
-    tails: dict[str, str] = field(default_factory=dict)
     deferred: list[tuple[str, str, os.stat_result]] = field(default_factory=list)
     files: int = 0
     bytes: int = 0
@@ -116,7 +114,6 @@ class _Result:
 
     def link(self, rel: str, tail: str, size: int, *, renamed: bool) -> None:
         self.lines.append(f"F\t{escape(rel)}\t{LINKED}\t{tail}\n")
-        self.tails[rel] = tail
         self.files += 1
         self.bytes += size
         self.linked += 1
@@ -125,7 +122,6 @@ class _Result:
 
     def copy(self, rel: str, tail: str, size: int, *, reflinked: bool = False) -> None:
         self.lines.append(f"F\t{escape(rel)}\t{REFLINKED if reflinked else COPIED}\t{tail}\n")
-        self.tails[rel] = tail
         self.files += 1
         self.bytes += size
         if reflinked:  # shares the snapshot's extents: nothing written
@@ -175,8 +171,9 @@ class FrozenCopy:
         self.listing = listing or FullListing()
         self.threads = threads or default_threads()
         self.stats = CopyStats(messages=0)
-        # Source inode → backup path of its first copy: keeps the source's hard links.
-        self.inodes: dict[int, str] = {}
+        # Source inode → (backup path, record tail) of its first copy: keeps the source's
+        # hard links, and gives the others its hash.
+        self.inodes: dict[int, tuple[str, str]] = {}
         self.directories: list[tuple[str, os.stat_result]] = []
         self.last_watch = self.last_progress = time.monotonic()
         self.pool: ThreadPoolExecutor | None = None
@@ -276,13 +273,10 @@ class FrozenCopy:
         """Wait for the section's tasks, settle its deferred hard links, write its records."""
         self._drain(section)
         results = [section.head, *section.results]
-        tails: dict[str, str] = {}
-        for result in results:
-            tails.update(result.tails)
         late = _Result()
         for result in results:
             for rel, sub_rel, info in result.deferred:
-                self._hard_link_or_copy(rel, sub_rel, info, late, tails)
+                self._hard_link_or_copy(rel, sub_rel, info, late)
         results.append(late)
         lines: list[str] = []
         summary = self.stats.summary
@@ -343,7 +337,6 @@ class FrozenCopy:
         link = os.link
         inodes = self.inodes
         lines = result.lines
-        tails = result.tails
         linked = linked_bytes = 0
         for entry in chunk:
             name = entry.name
@@ -370,8 +363,7 @@ class FrozenCopy:
                     slow.append(entry)  # gone from the previous backup: copy it
                     continue
             lines.append(f"F\t{escape(child)}\t{LINKED}\t{tail}\n")
-            tails[child] = tail
-            inodes[entry.inode()] = child
+            inodes[entry.inode()] = (child, tail)
             linked += 1
             linked_bytes += int(size_text)
         result.files += linked
@@ -407,7 +399,7 @@ class FrozenCopy:
                     except FileNotFoundError:
                         continue
                 result.link(child, tail, info.st_size, renamed=old != child)
-                self.inodes[info.st_ino] = child
+                self.inodes[info.st_ino] = (child, tail)
                 return
         if info.st_nlink > 1:
             # A hard link in the source: settled when the section closes, in one thread, so
@@ -437,14 +429,16 @@ class FrozenCopy:
                                                                           self.reflinks)
         finally:
             os.close(fd)
-        result.copy(child, tail_of(info, sha), info.st_size, reflinked=cloned)
-        self.inodes[info.st_ino] = child
+        tail = tail_of(info, sha)
+        result.copy(child, tail, info.st_size, reflinked=cloned)
+        self.inodes[info.st_ino] = (child, tail)
         return info.st_ino
 
-    def _hard_link_or_copy(self, child: str, rel: str, info: os.stat_result, result: _Result,
-                           tails: dict[str, str]) -> None:
+    def _hard_link_or_copy(self, child: str, rel: str, info: os.stat_result,
+                           result: _Result) -> None:
         """A message with several links in the source: link it to the copy of its inode
-        already in this backup, or copy it (the first of its names)."""
+        already in this backup (in any mailbox: an LMTP delivery to several users links them
+        too), or copy it (the first of its names)."""
         result.messages += 1
         name = child.rsplit("/", 1)[1]
         first = self.inodes.get(info.st_ino)
@@ -452,14 +446,10 @@ class FrozenCopy:
             self._copy_message(child, f"{self._src(rel)}/{name}", f"{self._dst(rel)}/{name}",
                                result)
             return
-        dst = f"{self._dst(rel)}/{name}"
+        path, tail = first
         if not self.dry_run:
-            os.link(self._dst(first), dst)
-        tail = tails.get(first)
-        if tail is None:  # linked in another mailbox (an LMTP delivery to several users)
-            tail = tail_of(info, "" if self.dry_run else hash_file(dst))
+            os.link(self._dst(path), f"{self._dst(rel)}/{name}")
         result.lines.append(f"F\t{escape(child)}\t{HARDLINK}\t{tail}\n")
-        result.tails[child] = tail
         result.files += 1
         result.bytes += info.st_size
         self.stats.summary.hardlinked += 1
