@@ -141,6 +141,7 @@ class _Section:
     results: list[_Result] = field(default_factory=list)
     futures: list[Future[_Result]] = field(default_factory=list)
     head: _Result = field(default_factory=_Result)  # directories and plain files
+    inodes: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 class FrozenCopy:
@@ -171,8 +172,12 @@ class FrozenCopy:
         self.listing = listing or FullListing()
         self.threads = threads or default_threads()
         self.stats = CopyStats(messages=0)
-        # Source inode → (backup path, record tail) of its first copy: keeps the source's
-        # hard links, and gives the others its hash.
+        # Source inode → (backup path, record tail) of its first copy, for files the source
+        # links more than once (a COPY, an LMTP delivery to several users): their other names
+        # become hard links to it, across mailboxes too. Each section keeps such a map of every
+        # message it holds (messages linked by name are never stat'ed, so their link count is
+        # unknown); this one, for the whole run, only holds files seen to have several links,
+        # so memory follows the largest mailbox, not the store.
         self.inodes: dict[int, tuple[str, str]] = {}
         self.directories: list[tuple[str, os.stat_result]] = []
         self.last_watch = self.last_progress = time.monotonic()
@@ -276,7 +281,7 @@ class FrozenCopy:
         late = _Result()
         for result in results:
             for rel, sub_rel, info in result.deferred:
-                self._hard_link_or_copy(rel, sub_rel, info, late)
+                self._hard_link_or_copy(rel, sub_rel, info, late, section)
         results.append(late)
         lines: list[str] = []
         summary = self.stats.summary
@@ -335,7 +340,7 @@ class FrozenCopy:
         only_names = not self.excludes.rules
         names = self.excludes.names
         link = os.link
-        inodes = self.inodes
+        inodes = section.inodes
         lines = result.lines
         linked = linked_bytes = 0
         for entry in chunk:
@@ -399,7 +404,7 @@ class FrozenCopy:
                     except FileNotFoundError:
                         continue
                 result.link(child, tail, info.st_size, renamed=old != child)
-                self.inodes[info.st_ino] = (child, tail)
+                self._remember(section, info, child, tail)
                 return
         if info.st_nlink > 1:
             # A hard link in the source: settled when the section closes, in one thread, so
@@ -407,7 +412,13 @@ class FrozenCopy:
             result.messages -= 1  # counted when settled
             result.deferred.append((child, rel, info))
             return
-        self._copy_message(child, f"{src_dir}/{name}", f"{dst_dir}/{name}", result)
+        self._copy_message(child, f"{src_dir}/{name}", f"{dst_dir}/{name}", result, section)
+
+    def _remember(self, section: _Section, info: os.stat_result, child: str,
+                  tail: str) -> None:
+        section.inodes[info.st_ino] = (child, tail)
+        if info.st_nlink > 1:
+            self.inodes[info.st_ino] = (child, tail)
 
     @staticmethod
     def _candidates(previous: Section, child: str, name: str) -> Iterator[str]:
@@ -417,7 +428,8 @@ class FrozenCopy:
             if old != child:
                 yield old
 
-    def _copy_message(self, child: str, src: str, dst: str, result: _Result) -> int:
+    def _copy_message(self, child: str, src: str, dst: str, result: _Result,
+                      section: _Section) -> int:
         """Copy a new file; returns its inode in the source."""
         try:
             fd = os.open(src, OPEN_FLAGS)
@@ -431,20 +443,20 @@ class FrozenCopy:
             os.close(fd)
         tail = tail_of(info, sha)
         result.copy(child, tail, info.st_size, reflinked=cloned)
-        self.inodes[info.st_ino] = (child, tail)
+        self._remember(section, info, child, tail)
         return info.st_ino
 
     def _hard_link_or_copy(self, child: str, rel: str, info: os.stat_result,
-                           result: _Result) -> None:
+                           result: _Result, section: _Section) -> None:
         """A message with several links in the source: link it to the copy of its inode
         already in this backup (in any mailbox: an LMTP delivery to several users links them
         too), or copy it (the first of its names)."""
         result.messages += 1
         name = child.rsplit("/", 1)[1]
-        first = self.inodes.get(info.st_ino)
+        first = section.inodes.get(info.st_ino) or self.inodes.get(info.st_ino)
         if first is None:
             self._copy_message(child, f"{self._src(rel)}/{name}", f"{self._dst(rel)}/{name}",
-                               result)
+                               result, section)
             return
         path, tail = first
         if not self.dry_run:
@@ -485,7 +497,7 @@ class FrozenCopy:
             else:
                 result.link(rel, tail, info.st_size, renamed=False)
                 return
-        self._copy_message(rel, src, self._dst(rel), result)
+        self._copy_message(rel, src, self._dst(rel), result, section)
 
     def _make_dir(self, rel: str, info: os.stat_result, section: _Section) -> None:
         self.directories.append((rel, info))
