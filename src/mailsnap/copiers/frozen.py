@@ -139,6 +139,7 @@ class _Section:
     key: str
     previous: Section | None
     results: list[_Result] = field(default_factory=list)
+    tasks: list[tuple[str, list[os.DirEntry[str]], bool]] = field(default_factory=list)
     futures: list[Future[_Result]] = field(default_factory=list)
     head: _Result = field(default_factory=_Result)  # directories and plain files
     inodes: dict[int, tuple[str, str]] = field(default_factory=dict)
@@ -302,6 +303,7 @@ class FrozenCopy:
         self._report(force=True)
 
     def _drain(self, section: _Section) -> None:
+        self._submit(section)
         pending = set(section.futures)
         while pending:
             _done, pending = wait(pending, timeout=PROGRESS_INTERVAL, return_when=FIRST_COMPLETED)
@@ -318,11 +320,25 @@ class FrozenCopy:
         # Linking by name alone trusts that owner and mode are what they were; a directory
         # whose owner or mode changed says they may not be.
         strict = previous is None or not _same_owner(previous.directories.get(rel), info)
-        assert self.pool is not None
         for start in range(0, len(listed), CHUNK_MESSAGES):
-            chunk = listed[start : start + CHUNK_MESSAGES]
-            section.futures.append(self.pool.submit(self._message_task, rel, chunk, section,
-                                                    strict))
+            section.tasks.append((rel, listed[start : start + CHUNK_MESSAGES], strict))
+
+    def _submit(self, section: _Section) -> None:
+        """Hand the section's chunks to the pool, taking turns between directories: link()
+        and create() lock the target directory, so two threads in one cur/ wait for each
+        other, and two in different folders do not."""
+        assert self.pool is not None
+        by_directory: dict[str, list[tuple[str, list[os.DirEntry[str]], bool]]] = {}
+        for task in section.tasks:
+            by_directory.setdefault(task[0], []).append(task)
+        queues = list(by_directory.values())
+        while queues:
+            for queue in queues:
+                rel, chunk, strict = queue.pop(0)
+                section.futures.append(self.pool.submit(self._message_task, rel, chunk,
+                                                        section, strict))
+            queues = [q for q in queues if q]
+        section.tasks = []
 
     def _message_task(
         self, rel: str, chunk: list[os.DirEntry[str]], section: _Section, strict: bool
