@@ -237,3 +237,17 @@ def test_since_and_until_select_by_date_received(store: dict[str, Path]) -> None
 def test_folder_names_that_walk_are_refused(name: str) -> None:
     with pytest.raises(RestoreRefused):
         folder_dir(name)
+
+
+def test_into_a_path_keeps_each_messages_mode(store: dict[str, Path], tmp_path: Path) -> None:
+    bob = store["source"] / "example.org/bob/Maildir"
+    victim = sorted((bob / "cur").iterdir())[0]
+    os.chmod(victim, 0o640)
+    run = mailsnap("backup", "--config", store["config"], "--quiet")
+    assert run.returncode == 0, run.stderr
+    out = tmp_path / "out"
+    restore(store, "--user", "bob@example.org", "--into", out)
+    restored = out / "cur" / victim.name
+    assert oct(restored.stat().st_mode & 0o777) == "0o640"
+    assert (restored.stat().st_uid, restored.stat().st_gid) == (victim.stat().st_uid,
+                                                                victim.stat().st_gid)

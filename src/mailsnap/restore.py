@@ -141,6 +141,9 @@ class Message:
     path: Path
     size: int
     mtime: float
+    mode: int = 0o600
+    uid: int = -1
+    gid: int = -1
 
     @property
     def base(self) -> str:
@@ -183,7 +186,8 @@ def messages_in(maildir: Path, folder: str) -> Iterator[Message]:
                     continue
                 info = entry.stat(follow_symlinks=False)
                 yield Message(folder, sub, entry.name, Path(entry.path), info.st_size,
-                              info.st_mtime)
+                              info.st_mtime, stat.S_IMODE(info.st_mode), info.st_uid,
+                              info.st_gid)
 
 
 def message_id(path: Path) -> str | None:
@@ -273,10 +277,14 @@ def pick_folders(maildir: Path, wanted: tuple[str, ...]) -> list[str]:
 class _Target:
     """A Maildir++ tree messages are delivered into."""
 
-    def __init__(self, root: Path, *, dry_run: bool, owner: os.stat_result) -> None:
+    def __init__(self, root: Path, *, dry_run: bool, owner: os.stat_result,
+                 keep_owners: bool) -> None:
         self.root = root
         self.dry_run = dry_run
-        self.owner = owner  # uid/gid/mode for what is created
+        self.owner = owner  # uid/gid for what is created
+        # Into a new tree each message keeps its owner; into the live store it belongs to the
+        # user's Maildir owner there (the uid may differ from the host the backup came from).
+        self.keep_owners = keep_owners
         self.known: dict[str, tuple[set[str], set[str] | None]] = {}
         self.counter = 0
 
@@ -370,8 +378,11 @@ class _Target:
             out.flush()
             os.fsync(out.fileno())
             if os.geteuid() == 0:
-                os.fchown(out.fileno(), self.owner.st_uid, self.owner.st_gid)
-            os.fchmod(out.fileno(), 0o600)
+                if self.keep_owners and message.uid >= 0:
+                    os.fchown(out.fileno(), message.uid, message.gid)
+                else:
+                    os.fchown(out.fileno(), self.owner.st_uid, self.owner.st_gid)
+            os.fchmod(out.fileno(), message.mode)
         # INTERNALDATE: Dovecot takes a new message's received date from its mtime.
         os.utime(tmp, (message.mtime, message.mtime))
         try:
@@ -412,7 +423,7 @@ def restore_user(
         owner = os.lstat(maildir)
         if not dry_run:
             target_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target = _Target(target_root, dry_run=dry_run, owner=owner)
+    target = _Target(target_root, dry_run=dry_run, owner=owner, keep_owners=into != "live")
     result = RestoreResult(job_name, backup_id, user, into, dry_run)
     for directory in pick_folders(maildir, selection.folders):
         destination = directory
