@@ -356,3 +356,32 @@ def test_a_name_whose_size_the_previous_copy_lacks_is_copied_again(
     (store / "cur" / name).write_bytes(b"x" * int(digits))
     copy(store, tmp_path / "two", previous=tmp_path / "one", frozen=True)
     assert (tmp_path / "two" / "cur" / name).read_bytes() == b"x" * int(digits)
+
+
+@pytest.mark.parametrize("max_passes", [10, 3])
+def test_a_hard_linked_message_that_arrives_late_is_never_left_behind(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_passes: int
+) -> None:
+    """A message seen with two links (the instant of a Dovecot MOVE, an LMTP delivery to
+    several users) is put off one pass, so its other name can be linked first. Arriving in
+    what would have been the last quiet pass, or in the last pass allowed, it must still be
+    copied: putting it off makes the pass not quiet, and the last pass puts nothing off."""
+    late = store / ".Sent" / "new" / "1733999999.M9P9.late,S=6"
+    listed = {"n": 0}
+    real_listdir = os.listdir
+
+    def delivering_listdir(path: object) -> list[str]:
+        if str(path).endswith("/.Sent/new"):
+            listed["n"] += 1
+            # Each pass lists .Sent/new twice (dot files, then messages): call 6 is pass 3,
+            # after a quiet pass 2: the pass that would end the copy.
+            if listed["n"] == 6 and not late.exists():
+                late.write_text("late!\n")
+                os.link(late, tmp_path / "other-link")  # its other name: never copied
+        return real_listdir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(maildir_module.os, "listdir", delivering_listdir)
+    copier = copy(store, tmp_path / "backup", max_passes=max_passes)
+    assert late.exists()
+    assert (tmp_path / "backup" / ".Sent" / "new" / late.name).read_text() == "late!\n"
+    assert copier.stats.passes <= max_passes

@@ -154,6 +154,8 @@ class LiveCopy:
         # so the backup holds the message once, where it is now).
         self.by_inode: dict[tuple[int, int], _Copied] = {}
         self.put_off: set[tuple[int, int]] = set()
+        self.put_off_in_pass = 0
+        self.last_pass = False
 
     def run(self) -> CopyStats:
         """Copy until ``quiet_passes`` passes in a row find no new message, or after
@@ -164,6 +166,10 @@ class LiveCopy:
         started = time.monotonic()
         new = 0
         for number in range(1, self.max_passes + 1):
+            # The last pass puts nothing off: a put-off message must be copied by a later
+            # pass, and there is none.
+            self.last_pass = number == self.max_passes
+            self.put_off_in_pass = 0
             new = self.one_pass()
             self.stats.passes = number
             if self.progress is not None:
@@ -171,7 +177,8 @@ class LiveCopy:
             log.info("live copy pass %d: %d new files", number, new)
             if self.dry_run:
                 break
-            quiet = quiet + 1 if new == 0 else 0
+            # A pass that put a message off is not quiet: the next pass must take it.
+            quiet = quiet + 1 if new == 0 and self.put_off_in_pass == 0 else 0
             if quiet >= self.quiet_passes:
                 break
         else:
@@ -355,11 +362,12 @@ class LiveCopy:
             if not (earlier is not None and self._hard_link(rel, earlier.rel, info,
                                                             folder.mailbox, base)) \
                     and not self._link_previous(folder.mailbox, base, rel, info):
-                if info.st_nlink > 1 and key not in self.put_off:
+                if info.st_nlink > 1 and key not in self.put_off and not self.last_pass:
                     # A new name of a hard-linked inode (a COPY since the last backup) seen
                     # before its older name, which the previous backup holds: once, wait a
                     # pass for that name to be linked, then link this one to it.
                     self.put_off.add(key)
+                    self.put_off_in_pass += 1
                     return None
                 self._write_copy(fd, rel, info, folder.mailbox)
             self.stats.messages = (self.stats.messages or 0) + 1
