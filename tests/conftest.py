@@ -16,9 +16,10 @@ import shutil
 import pytest
 
 from tests.helpers.loopfs import BtrfsVolume, btrfs_volume, privileged_skip_reason
+from tests.helpers.sshd import Sshd, running_sshd, sshd_skip_reason
 
 REQUIRE_PRIVILEGED = os.environ.get("MAILSNAP_REQUIRE_PRIVILEGED") == "1"
-MUST_RUN_MARKERS = ("privileged", "dovecot")
+MUST_RUN_MARKERS = ("privileged", "dovecot", "offsite")
 
 # The guest-side LVM/ZFS tests only make sense inside the VM that tests/vm boots.
 if os.environ.get("MAILSNAP_IN_GUEST") != "1":
@@ -62,6 +63,16 @@ def btrfs(tmp_path: Path) -> Iterator[BtrfsVolume]:
         pytest.skip(reason)
     with btrfs_volume(tmp_path) as volume:
         yield volume
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """One real sshd on 127.0.0.1 for the whole test session (see tests/helpers/sshd.py)."""
+    reason = sshd_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with running_sshd(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -97,7 +97,190 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class JobBase(_Model):
+DESTINATION_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# A URL of the SSH store: ssh://[user@]host[:port]/path or, as scp writes it,
+# ssh://[user@]host:/path.
+SSH_TARGET_RE = re.compile(
+    r"ssh://(?:(?P<user>[^@/:\s]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^@/:\s\[\]]+)"
+    r"(?::(?P<port>\d{1,5})?)?(?P<path>/\S*)"
+)
+
+
+class Retention(_Model):
+    """The ``keep_*`` keys: for the job's own store and for each destination."""
+
+    keep_last: int | None = Field(default=None, ge=1, description="Retention: keep the N "
+                                  "newest backups.")
+    keep_hourly: int | None = Field(default=None, ge=1, description="Retention: keep the newest "
+                                    "backup of each of the N newest hours that have one.")
+    keep_daily: int | None = Field(default=None, ge=1, description="… of the N newest days.")
+    keep_weekly: int | None = Field(default=None, ge=1,
+                                    description="… of the N newest ISO weeks.")
+    keep_monthly: int | None = Field(default=None, ge=1, description="… of the N newest months.")
+    keep_yearly: int | None = Field(default=None, ge=1, description="… of the N newest years.")
+    keep_within: Annotated[timedelta | None, BeforeValidator(parse_age)] = Field(
+        default=None, gt=timedelta(0),
+        description="Retention: keep every backup less than this much older than the newest "
+        "one ('36h', '14d', '8w'). With no keep_* key at all, every backup is kept.",
+    )
+
+
+class DestinationBase(Retention):
+    """Keys every destination has. A destination gets a copy of each backup of its job,
+    after the job's own (local) backup is published; it has its own retention."""
+
+    name: str = Field(description="Names the destination in logs, reports and "
+                      "`--destination NAME`; unique within the job.")
+    read_from: Literal["snapshot", "local"] = Field(
+        default="snapshot", alias="from",
+        description="'snapshot': read the snapshot while it is still mounted (the snapshot is "
+        "held until this destination is done). 'local': read the backup just published in "
+        "the job's own target, after the snapshot is released, so a slow upload never keeps "
+        "an LVM snapshot filling. A live job always reads 'local'.",
+    )
+    every: Annotated[timedelta | None, BeforeValidator(parse_age)] = Field(
+        default=None, gt=timedelta(0),
+        description="Send only when the newest backup there is older than this ('7d' for a "
+        "weekly copy from a nightly job; 10% slack, so a timer that fires early still "
+        "counts). Default: every run.",
+    )
+    timeout: float | None = Field(
+        default=None, gt=0,
+        description="Seconds one transfer may take before it is stopped and this destination "
+        "fails (default: no limit).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _destination_name(cls, value: str) -> str:
+        if not re.fullmatch(DESTINATION_NAME_RE, value):
+            raise ValueError(f"{value!r} is not a valid destination name: use 1-64 letters, "
+                             "digits, '.', '_' or '-'")
+        if value == "local":
+            raise ValueError("'local' names the job's own target; give the destination "
+                             "another name")
+        return value
+
+
+def _no_quote(value: str) -> str:
+    if "'" in value or "\n" in value:
+        raise ValueError(f"{value!r}: a path for ssh may not contain a quote or a newline")
+    return value
+
+
+class SshDestination(DestinationBase):
+    """The same dated hard-link store on another host, through rsync over SSH."""
+
+    type: Literal["ssh"]
+    target: str = Field(description="ssh://[user@]host[:port]/path (or ssh://user@host:/path); "
+                        "backups go to PATH/<job>/<run id>/ there.")
+    ssh_key: Path | None = Field(default=None, description="Private key file (ssh -i).")
+    known_hosts: Path | None = Field(
+        default=None, description="known_hosts file holding the host's key; the host key is "
+        "always checked (StrictHostKeyChecking=yes).")
+    ssh_options: tuple[str, ...] = Field(
+        default=(), description="More ssh options, e.g. [\"-o\", \"ConnectTimeout=20\"].")
+    rsync_path: str | None = Field(default=None, description="rsync on the remote host, if "
+                                   "not on its PATH.")
+
+    @field_validator("target")
+    @classmethod
+    def _ssh_url(cls, value: str) -> str:
+        match = SSH_TARGET_RE.fullmatch(value)
+        if not match:
+            raise ValueError(f"{value!r} is not an SSH target like "
+                             "'ssh://backup@host:/srv/mailsnap' or 'ssh://backup@host:2222/srv/"
+                             "mailsnap'")
+        if match.group("port") and not 0 < int(match.group("port")) < 65536:
+            raise ValueError(f"{value!r}: port must be 1-65535")
+        if ".." in match.group("path").split("/") or match.group("path") == "/":
+            raise ValueError(f"{value!r}: give a directory below / without '..'")
+        _no_quote(match.group("path"))
+        return value
+
+    @field_validator("ssh_key", "known_hosts")
+    @classmethod
+    def _ssh_path(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            if not value.is_absolute():
+                raise ValueError(f"must be an absolute path, got {str(value)!r}")
+            _no_quote(str(value))
+        return value
+
+
+class ResticDestination(DestinationBase):
+    """A restic repository: local, sftp:, s3:, b2:, rest: …"""
+
+    type: Literal["restic"]
+    repository: str = Field(description="restic repository (-r): '/srv/restic', "
+                            "'sftp:backup@host:/srv/restic', 's3:https://host/bucket', …")
+    password_file: Path | None = Field(default=None, description="File holding the "
+                                       "repository password (restic --password-file).")
+    password_command: tuple[str, ...] | None = Field(
+        default=None, description="Command (argv list) that prints the password.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment for restic, e.g. AWS_ACCESS_KEY_ID "
+        "for an S3 repository (keep secrets in env_file).")
+    env_file: Path | None = Field(
+        default=None, description="File of KEY=VALUE lines added to restic's environment "
+        "(for secrets: make it 0600).")
+    options: tuple[str, ...] = Field(
+        default=(), description="More restic options for every call, e.g. "
+        "[\"-o\", \"sftp.command=ssh -i /etc/mailsnap/key backup@host -s sftp\"].")
+    read_data_subset: str | None = Field(
+        default=None, description="`mailsnap verify --deep` reads this much of the "
+        "repository's data ('5%', '1/10'; default: all of it).")
+    init: bool = Field(default=False, description="Create the repository if it does not "
+                       "exist yet (restic init).")
+
+    @field_validator("password_file", "env_file")
+    @classmethod
+    def _abs(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError(f"must be an absolute path, got {str(value)!r}")
+        return value
+
+    @field_validator("read_data_subset")
+    @classmethod
+    def _subset(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+(\.\d+)?%|\d+/\d+", value):
+            raise ValueError(f"must be like '5%' or '1/10', got {value!r}")
+        return value
+
+    @field_validator("password_command", mode="before")
+    @classmethod
+    def _argv(cls, value: object) -> object:
+        return _hook_not_string(value)
+
+    @model_validator(mode="after")
+    def _one_password(self) -> ResticDestination:
+        given = [k for k in ("password_file", "password_command") if getattr(self, k)]
+        if len(given) != 1 and "RESTIC_PASSWORD" not in self.env:
+            raise ValueError("give exactly one of password_file or password_command (restic "
+                             "repositories are encrypted)")
+        return self
+
+
+class LocalDestination(DestinationBase):
+    """Another dated hard-link store on this host (a second disk, a USB drive)."""
+
+    type: Literal["local"]
+    target: Path = Field(description="Backups go to TARGET/<job>/<run id>/, as for the job.")
+
+    @field_validator("target")
+    @classmethod
+    def _abs_target(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError(f"must be an absolute path, got {str(value)!r}")
+        return value
+
+
+DESTINATION_TYPES = ("ssh", "restic", "local")
+Destination = Annotated[SshDestination | ResticDestination | LocalDestination,
+                        Field(discriminator="type")]
+
+
+class JobBase(Retention):
     """Keys every job has, whatever its backend."""
 
     name: str = Field(
@@ -190,20 +373,6 @@ class JobBase(_Model):
         description="With verify = 'snapshot', also compare every file's content (reads "
         "both copies in full).",
     )
-    keep_last: int | None = Field(default=None, ge=1, description="Retention: keep the N "
-                                  "newest backups.")
-    keep_hourly: int | None = Field(default=None, ge=1, description="Retention: keep the newest "
-                                    "backup of each of the N newest hours that have one.")
-    keep_daily: int | None = Field(default=None, ge=1, description="… of the N newest days.")
-    keep_weekly: int | None = Field(default=None, ge=1,
-                                    description="… of the N newest ISO weeks.")
-    keep_monthly: int | None = Field(default=None, ge=1, description="… of the N newest months.")
-    keep_yearly: int | None = Field(default=None, ge=1, description="… of the N newest years.")
-    keep_within: Annotated[timedelta | None, BeforeValidator(parse_age)] = Field(
-        default=None, gt=timedelta(0),
-        description="Retention: keep every backup less than this much older than the newest "
-        "one ('36h', '14d', '8w'). With no keep_* key at all, every backup is kept.",
-    )
     retention_timezone: str | None = Field(
         default=None,
         description="Time zone the hours, days, weeks … of retention are counted in (an IANA "
@@ -227,6 +396,23 @@ class JobBase(_Model):
         description="healthchecks.io-style ping URL: <url>/start when a run starts, <url> on "
         "success, <url>/fail (with the log tail) on failure.",
     )
+
+    destination: tuple[Destination, ...] = Field(
+        default=(),
+        description="More places each backup goes to after it is published in `target`: "
+        "[[job.destination]] tables with type 'ssh', 'restic' or 'local', each with its own "
+        "keep_* retention.",
+    )
+
+    @field_validator("destination")
+    @classmethod
+    def _unique_destinations(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
+        seen: set[str] = set()
+        for item in value:
+            if item.name in seen:
+                raise ValueError(f"destination name {item.name!r} is used twice in this job")
+            seen.add(item.name)
+        return value
 
     @field_validator("users")
     @classmethod
@@ -305,7 +491,23 @@ class JobBase(_Model):
         problem = nesting_problem(_normal(self.source), _normal(self.target))
         if problem:
             raise ValueError(problem)
+        for item in self.destination:
+            if isinstance(item, LocalDestination):
+                problem = nesting_problem(_normal(self.source), _normal(item.target))
+                if problem:
+                    raise ValueError(f"destination {item.name!r}: {problem}")
+                if _normal(item.target) == _normal(self.target):
+                    raise ValueError(f"destination {item.name!r}: same target as the job; "
+                                     "a second copy belongs on another disk")
         return self
+
+    def destination_named(self, name: str) -> Destination:
+        for item in self.destination:
+            if item.name == name:
+                return item
+        names = ", ".join(["local", *(d.name for d in self.destination)])
+        raise ConfigError(f"--destination: job {self.name!r} has no destination {name!r} "
+                          f"(it has: {names})")
 
     @property
     def excludes(self) -> tuple[str, ...]:
@@ -490,9 +692,16 @@ def _location(loc: tuple[int | str, ...]) -> str:
             out += f"[{part}]"
         elif i > 0 and part in BACKEND_NAMES and isinstance(loc[i - 1], int):
             continue
+        elif (i > 1 and part in DESTINATION_TYPES and isinstance(loc[i - 1], int)
+              and loc[i - 2] == "destination"):
+            continue
         else:
             out += f".{part}" if out else str(part)
     return out
+
+
+def _in_destination(loc: tuple[int | str, ...]) -> bool:
+    return len(loc) >= 2 and isinstance(loc[-1], int) and loc[-2] == "destination"
 
 
 def _error_lines(exc: ValidationError, origin: str) -> list[str]:
@@ -502,6 +711,11 @@ def _error_lines(exc: ValidationError, origin: str) -> list[str]:
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown key; remove it (see examples/mailsnap.toml for the keys)"
+        elif err["type"] in ("union_tag_invalid", "union_tag_not_found") and _in_destination(
+                tuple(err["loc"])):
+            message = (f"type must be one of {', '.join(DESTINATION_TYPES)}"
+                       if err["type"] == "union_tag_invalid"
+                       else f"missing key 'type' (one of {', '.join(DESTINATION_TYPES)})")
         elif err["type"] == "union_tag_invalid":
             message = f"backend must be one of {', '.join(BACKEND_NAMES)}"
         elif err["type"] == "union_tag_not_found":

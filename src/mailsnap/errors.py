@@ -161,3 +161,8 @@ def parsing(tool: str) -> Iterator[None]:
             f"could not read the output of `{tool}` ({type(exc).__name__}: {exc}); is it a "
             "supported version? Run with --debug and report it"
         ) from exc
+
+
+class DestinationFailed(MailsnapError):
+    """A destination (ssh, restic, a second local store) did not get its copy, or could not
+    be listed, pruned, verified or read. The job's own backup is published all the same."""
