@@ -102,7 +102,7 @@ DESTINATION_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # ssh://[user@]host:/path.
 SSH_TARGET_RE = re.compile(
     r"ssh://(?:(?P<user>[^@/:\s]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^@/:\s\[\]]+)"
-    r"(?::(?P<port>\d{1,5})?)?(?P<path>/\S*)"
+    r"(?::(?P<port>\d{1,5})?)?(?P<path>/[^\n]*)"
 )
 
 

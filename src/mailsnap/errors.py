@@ -124,10 +124,12 @@ class Interrupted(MailsnapError):
 
     exit_code = EXIT_INTERRUPTED
 
-    def __init__(self, signal_name: str, *, teardown: str = "") -> None:
+    def __init__(self, signal_name: str, *, teardown: str = "", published: str = "") -> None:
         self.signal_name = signal_name
         self.teardown = teardown
-        message = f"interrupted by {signal_name}; nothing was published"
+        self.published = published
+        message = (f"interrupted by {signal_name}; {published}" if published
+                   else f"interrupted by {signal_name}; nothing was published")
         if teardown:
             message += f"; {teardown}"
         super().__init__(message)

@@ -11,6 +11,8 @@
        backup that shrank below ``min_keep_percent`` of the previous one
     7. publish by one rename, point ``latest`` at it
     8. apply the retention policy (``keep_*``): old backups renamed to .deleting, then deleted
+    9. send to the destinations (ssh, restic, a second disk): those that read the snapshot,
+       then release the snapshot, then those that read the published backup (``from``)
     … the session tears down in reverse and sweeps once more …
 
 Each stage pushes its undo on the session's ``ExitStack`` the moment there is something to undo,
@@ -37,6 +39,8 @@ from mailsnap.config import Job
 from mailsnap.copiers import Previous, make_copier
 from mailsnap.errors import (
     CopyFailed,
+    DestinationFailed,
+    Interrupted,
     MailsnapError,
     PruneFailed,
     ShrinkRefused,
@@ -48,10 +52,10 @@ from mailsnap.hooks import Hooks
 from mailsnap.maildirs import survey
 from mailsnap.manifest import MANIFEST_FILE
 from mailsnap.prune import policy_of, prune_store
-from mailsnap.recorder import time_snapshot
+from mailsnap.recorder import record_destination, time_snapshot
 from mailsnap.runner import Runner
 from mailsnap.session import Session, job_session, stage
-from mailsnap.signals import signals_unwind
+from mailsnap.signals import SignalGuard, signals_unwind
 from mailsnap.sources import SourceIdentity, check_source, check_target_outside_source
 from mailsnap.store import CONTENT, Backup, BackupStore, run_id_for
 from mailsnap.verify import compare_with_source
@@ -197,7 +201,8 @@ def _run_backup(
         store.finish_deletions()  # a prune killed midway: no policy needed to finish it
         run_id = store.new_run_id(clock())
         hooks.run_id = run_id
-        view = open_view(session, run_id)
+        scope = session.enter(session.scope())  # the snapshot: released before from=local
+        view = open_view(scope, run_id)
         copier = make_copier(
             job.copier,
             point_in_time=view.point_in_time,
@@ -211,7 +216,7 @@ def _run_backup(
         partial = store.begin(run_id)
         # Unwinds first: an unpublished .partial goes before the snapshot does. After publish
         # the .partial name no longer exists and this is a no-op.
-        session.undo(f"remove unpublished {partial.name}", lambda: store.discard(partial))
+        scope.undo(f"remove unpublished {partial.name}", lambda: store.discard(partial))
         with stage(f"copy ({copier.name})"), full_target_explained(store.root):
             try:
                 stats = copier.copy(
@@ -276,6 +281,8 @@ def _run_backup(
             backup = store.publish(partial, manifest,
                                    on_commit=lambda: guard.defer("publishing the backup"))
         pruned = _prune_after(store, job, clock(), backup.run_id)
+        if job.destination:
+            send_to_destinations(job, runner, guard, scope, view, backup, run_id, clock)
     if not runner.dry_run:
         log.info("backup %s published (%d messages, %d files, %d bytes, %d hard-linked)",
                  backup.path, messages, stats.files, stats.bytes, stats.linked)
@@ -298,6 +305,56 @@ def _run_backup(
         estimated=estimated,
         pruned=pruned,
     )
+
+
+def send_to_destinations(job: Job, runner: Runner, guard: SignalGuard, scope: Session,
+                         view: View, backup: Backup, run_id: str, clock: Clock) -> None:
+    """Stage 9: each destination gets its copy; ``from = "snapshot"`` ones while the snapshot
+    is still mounted, then the snapshot is released, then the ``from = "local"`` ones read
+    the published backup. A live job's destinations always read the published backup (a
+    second read of the live tree would be a second, different copy). Signals interrupt again
+    here: a slow upload must stay stoppable, and the published backup stays published.
+    A failed destination does not stop the others; the run then fails with all of them named.
+    """
+    from mailsnap.destinations.base import Source
+    from mailsnap.destinations.run import destinations_of, send_one
+
+    everything = destinations_of(job, runner)
+    early = [(s, d) for s, d in everything if s.read_from == "snapshot" and view.point_in_time]
+    late = [(s, d) for s, d in everything if (s, d) not in early]
+    host = socket.gethostname()
+    results = []
+    published = f"backup {backup.run_id} was published in {backup.path.parent}"
+    try:
+        guard.resume()
+        if early:
+            source = Source(view.path, clean=False, stable=view.path == job.work_dir / "snapshot",
+                            local=backup.path, run_id=run_id, excludes=job.excludes, host=host)
+            for settings, destination in early:
+                results.append(send_one(job, settings, destination, source, clock(),
+                                        dry_run=runner.dry_run))
+                record_destination(results[-1].as_dict())
+        with guard.deferred("releasing the snapshot"):
+            scope.stack.close()
+        if late:
+            source = Source(backup.content, clean=True, stable=False, local=backup.path,
+                            run_id=run_id, excludes=job.excludes, host=host)
+            for settings, destination in late:
+                results.append(send_one(job, settings, destination, source, clock(),
+                                        dry_run=runner.dry_run))
+                record_destination(results[-1].as_dict())
+    except Interrupted as exc:
+        done = {r.name for r in results if r.status != "failed"}
+        raise Interrupted(exc.signal_name, published=f"{published}; destinations not done: "
+                          + ", ".join(s.name for s, _ in everything if s.name not in done)
+                          ) from exc
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        raise DestinationFailed(
+            f"{published}, but {len(failed)} of {len(results)} destinations failed: "
+            + "; ".join(r.error or r.name for r in failed)
+            + (f" (done: {', '.join(r.name for r in results if r.status != 'failed')})"
+               if len(failed) < len(results) else ""))
 
 
 def compare_with_snapshot(job: Job, view: View, content: Path, *, dry_run: bool) -> None:

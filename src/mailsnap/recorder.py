@@ -34,6 +34,7 @@ class Recorder:
     snapshot_gone: float | None = None
     warnings: list[str] = field(default_factory=list)
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    destinations: list[dict[str, object]] = field(default_factory=list)
 
     def snapshot_seconds(self) -> float | None:
         """How long the snapshot existed: from the start of its stage to the end of its
@@ -55,6 +56,13 @@ def record_stage(name: str, seconds: float, *, ok: bool) -> None:
     recorder = _current.get()
     if recorder is not None:
         recorder.stages.append((name, round(seconds, 3), ok))
+
+
+def record_destination(result: dict[str, object]) -> None:
+    """Note how one destination fared, in the run being recorded, if any."""
+    recorder = _current.get()
+    if recorder is not None:
+        recorder.destinations.append(result)
 
 
 def time_snapshot(stack: contextlib.ExitStack) -> None:

@@ -88,6 +88,11 @@ class RunReport(BaseModel):
     pruned: list[str] | None = Field(
         default=None, description="Backups the retention policy removed after this one was "
         "published.")
+    destinations: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Each destination's part of the run: name, type, where, from (snapshot "
+        "or local), status (ok, failed, skipped, dry-run), the id it stored, seconds, files, "
+        "bytes_sent, pruned, error.")
     dry_run: bool = False
     estimated: bool = False
     warnings: list[str] = Field(default_factory=list)
@@ -117,6 +122,7 @@ def _common(recorder: Recorder, started: datetime, finished: datetime,
         "stages": [StageTime(name=n, seconds=s, ok=ok) for n, s, ok in recorder.stages],
         "snapshot_seconds": recorder.snapshot_seconds(),
         "warnings": list(recorder.warnings),
+        "destinations": list(recorder.destinations),
     }
 
 

@@ -61,6 +61,8 @@ class Result:
     exit_code: int
     duration: float
     skipped: bool = False
+    # stdout as the command wrote it: file names from another host are bytes, not UTF-8.
+    stdout_bytes: bytes = b""
 
 
 @dataclass
@@ -210,7 +212,9 @@ class Runner:
         exit_code = int(process.exit_code or 0)
         log.info("%s  (%.2fs)", line, duration)
         stdout = "".join(streamed) if on_output is not None else _text(process.stdout)
-        result = Result(args, stdout, _text(process.stderr), exit_code, duration)
+        raw = process.stdout if on_output is None and isinstance(process.stdout, bytes) else b""
+        result = Result(args, stdout, _text(process.stderr), exit_code, duration,
+                        stdout_bytes=raw)
         self.history.append(result)
         return result
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 import contextlib
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import fcntl
 import logging
 import os
@@ -110,6 +110,14 @@ class Session:
     def enter(self, context: AbstractContextManager[T]) -> T:
         """Hold ``context`` until the session ends."""
         return self.stack.enter_context(context)
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[Session]:
+        """A part of the session whose undo steps run when the block ends, not when the
+        session does (the snapshot, released before the slow destinations read the
+        published backup). On an error they unwind with the rest, in order."""
+        with contextlib.ExitStack() as inner:
+            yield replace(self, stack=inner)
 
 
 @contextlib.contextmanager

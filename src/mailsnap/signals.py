@@ -25,11 +25,14 @@ class SignalGuard:
         self.received: str | None = None
         self.deferring = False
         self.busy_with = "teardown"
+        self.pending: str | None = None  # a signal that came while deferring
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.deferring or self.received is not None:
             log.warning("%s received during %s; finishing it first", name, self.busy_with)
+            if self.received is None and self.pending is None:
+                self.pending = name
             return
         self.received = name
         log.warning("%s received; stopping and tearing down", name)
@@ -41,6 +44,29 @@ class SignalGuard:
         if not self.deferring:
             self.busy_with = busy_with
         self.deferring = True
+
+    def resume(self) -> None:
+        """Signals interrupt again (the destinations after a published backup: a long upload
+        must stay stoppable). One that came while deferring interrupts now."""
+        self.deferring = False
+        if self.pending is not None and self.received is None:
+            self.received, self.pending = self.pending, None
+            raise Interrupted(self.received)
+
+    @contextlib.contextmanager
+    def deferred(self, busy_with: str) -> Iterator[None]:
+        """No interruption inside the block (e.g. releasing the snapshot); one that came
+        meanwhile interrupts when it ends."""
+        was = self.deferring
+        self.defer(busy_with)
+        try:
+            yield
+        finally:
+            if not was:
+                self.deferring = False
+                self.busy_with = "teardown"
+        if not was:
+            self.resume()
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ Every problem is one line; no line means intact. Read-only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 import hashlib
 import os
@@ -230,4 +230,36 @@ def compare_with_source(source: Path, content: Path, excludes: Sequence[str], *,
                                     f"{a.st_size} in the snapshot")
                 elif deep and _sha256(entry.path) != _sha256(copy.path):
                     problems.append(f"{_show(child)}: content differs from the snapshot")
+    return problems
+
+
+def listing_problems(records: Iterable[list[str]], listing: Mapping[str, tuple[str, int]],
+                     digests: Mapping[str, str] | None = None) -> list[str]:
+    """A backup held elsewhere (an SSH store, a restic snapshot) against its manifest.
+    ``listing``: relative path → (kind, size), kind ``f``/``d``/``l`` as ``find -printf %y``
+    prints it; ``digests``: relative path → sha256, for the files hashed (``--deep``)."""
+    problems: list[str] = []
+    listed: set[str] = set()
+    kinds = {"D": "d", "F": "f", "L": "l"}
+    names = {"d": "directory", "f": "file", "l": "symlink"}
+    for fields in records:
+        kind = kinds.get(fields[0])
+        if kind is None:
+            continue
+        rel = unescape(fields[1])
+        listed.add(rel)
+        if not rel:
+            continue  # the top directory itself
+        found = listing.get(rel)
+        if found is None:
+            problems.append(f"{_show(rel)}: {names[kind]} missing")
+        elif found[0] != kind:
+            problems.append(f"{_show(rel)}: not a {names[kind]}")
+        elif kind == "f":
+            if found[1] != int(fields[3]):
+                problems.append(f"{_show(rel)}: {found[1]} bytes, the manifest says {fields[3]}")
+            elif digests is not None and digests.get(rel) != fields[8]:
+                problems.append(f"{_show(rel)}: content differs from the manifest (sha256)")
+    for rel in sorted(set(listing) - listed):
+        problems.append(f"{_show(rel)}: in the backup but not in its manifest")
     return problems

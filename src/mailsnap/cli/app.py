@@ -66,6 +66,11 @@ CopierOpt = Annotated[
                  "snapshot backend)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+DestinationOpt = Annotated[
+    str | None,
+    typer.Option("--destination", "-d", help="A destination of the job ([[job.destination]] "
+                 "name) instead of its own target ('local')."),
+]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Debug logs and tracebacks.")]
 DryRunOpt = Annotated[
     bool,

@@ -14,6 +14,7 @@ from mailsnap.cli.app import (
     BackendOpt,
     ConfigOpt,
     DebugOpt,
+    DestinationOpt,
     JobOpt,
     JsonOpt,
     SourceOpt,
@@ -36,20 +37,47 @@ UserOpt = Annotated[str | None, typer.Option(
     "--user", help="Only this user's mail (alice@example.org), found by the job's `users`.")]
 
 
+def _list_destination(config: Path | None, job: str | None, name: str, as_json: bool) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mailsnap.config import load_config
+    from mailsnap.destinations.run import open_destination
+    from mailsnap.runner import Runner
+
+    rows: list[dict[str, Any]] = []
+    for one in load_config(config or DEFAULT_CONFIG).select(job):
+        _settings, where = open_destination(one, name, Runner())
+        for item in where.backups():
+            rows.append({"job": one.name, "destination": name, "where": where.where(),
+                         "id": item.id, "time": item.time.isoformat(), "run_id": item.run_id})
+    if as_json:
+        typer.echo(json.dumps({"status": "ok", "backups": rows}, indent=2))
+        return EXIT_OK
+    table = Table("job", "destination", "id", "time", "run id")
+    for r in rows:
+        table.add_row(r["job"], r["destination"], r["id"], r["time"], str(r["run_id"]))
+    Console().print(table if rows else "no backups there yet")
+    return EXIT_OK
+
+
 @app.command("list")
 def list_backups(
     config: ConfigOpt = None,
     job: JobOpt = None,
     target: TargetOpt = None,
     user: UserOpt = None,
+    destination: DestinationOpt = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """List published backups (from the config's jobs, or every job under --target). With
     --user, how much of that user's mail each backup holds. --json adds per-user totals for
-    jobs with a `users` layout."""
+    jobs with a `users` layout. --destination NAME lists what that destination holds."""
 
     def body() -> int:
+        if destination not in (None, "local"):
+            return _list_destination(config, job, destination, as_json)
         from rich.console import Console
         from rich.table import Table
 

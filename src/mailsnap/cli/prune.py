@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from mailsnap.cli.app import (
     ConfigOpt,
     DebugOpt,
+    DestinationOpt,
     DryRunOpt,
     JobOpt,
     JsonOpt,
@@ -21,6 +22,33 @@ from mailsnap.cli.app import (
 )
 from mailsnap.errors import EXIT_OK, Interrupted, MailsnapError
 
+if TYPE_CHECKING:
+    from mailsnap.config import Job
+    from mailsnap.prune import PruneResult
+
+
+def _show(result: PruneResult, label: str, dry_run: bool) -> None:
+    typer.echo(f"{label}: {result.policy}")
+    for name in result.finished:
+        typer.echo(f"{label}: finished removing {name} (an interrupted prune)")
+    verb = "would remove" if dry_run else "removed"
+    for decision in result.decisions:
+        what = "keep  " if decision.keep else f"{verb}"
+        typer.echo(f"{label}: {what} {decision.id}  ({', '.join(decision.reasons)})")
+
+
+def _prune_destination(job: Job, name: str, dry_run: bool) -> PruneResult:
+    """``prune --destination``: the destination's own keep_* keys, under the job's lock (a
+    backup of the job may be sending to it)."""
+    from mailsnap.destinations.run import open_destination, prune_destination
+    from mailsnap.pipeline import utc_now
+    from mailsnap.runner import Runner
+    from mailsnap.session import job_lock
+
+    settings, where = open_destination(job, name, Runner(dry_run=dry_run))
+    with job_lock(job, "prune", dry_run=dry_run):
+        return prune_destination(job, settings, where, utc_now(), dry_run=dry_run)
+
 
 @app.command()
 def prune(
@@ -28,6 +56,7 @@ def prune(
     job: JobOpt = None,
     source: SourceOpt = None,
     target: TargetOpt = None,
+    destination: DestinationOpt = None,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -47,6 +76,14 @@ def prune(
         for one in jobs:
             store = BackupStore(one.target / one.name, dry_run=dry_run)
             try:
+                if destination not in (None, "local"):
+                    with signals_unwind():
+                        result = _prune_destination(one, destination, dry_run)
+                    results.append({"status": "ok", "destination": destination,
+                                    **result.as_dict()})
+                    if not as_json:
+                        _show(result, f"{one.name} {destination}", dry_run)
+                    continue
                 if not store.root.is_dir():
                     results.append({"job": one.name, "status": "ok", "dry_run": dry_run,
                                     "kept": [], "removed": [], "decisions": []})
@@ -65,14 +102,7 @@ def prune(
                 continue
             results.append({"status": "ok", **result.as_dict()})
             if not as_json:
-                typer.echo(f"{one.name}: {result.policy}")
-                for name in result.finished:
-                    typer.echo(f"{one.name}: finished removing {name} (an interrupted prune)")
-                verb = "would remove" if dry_run else "removed"
-                for decision in result.decisions:
-                    what = "keep  " if decision.keep else f"{verb}"
-                    typer.echo(f"{one.name}: {what} {decision.id}  "
-                               f"({', '.join(decision.reasons)})")
+                _show(result, one.name, dry_run)
         if as_json:
             status = "ok" if worst == EXIT_OK else "failed"
             typer.echo(json.dumps({"status": status, "exit_code": worst, "jobs": results},

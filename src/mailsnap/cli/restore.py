@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mailsnap.cli.app import (
     ConfigOpt,
     DebugOpt,
+    DestinationOpt,
     DryRunOpt,
     JobOpt,
     JsonOpt,
@@ -21,6 +22,10 @@ from mailsnap.cli.app import (
     select_jobs,
 )
 from mailsnap.errors import EXIT_OK, ConfigError
+
+if TYPE_CHECKING:
+    from mailsnap.config import Job
+    from mailsnap.restore import RestoreResult, Selection
 
 
 def _date(value: str | None, flag: str) -> datetime | None:
@@ -32,6 +37,28 @@ def _date(value: str | None, flag: str) -> datetime | None:
         raise ConfigError(f"{flag} {value!r}: give a date like 2026-11-28 or "
                           "2026-11-28T14:00") from None
     return parsed if parsed.tzinfo else parsed.astimezone()
+
+
+def _from_destination(job: Job, name: str, wanted: str, user: str, into: str,
+                      selection: Selection, as_folder: str | None,
+                      dry_run: bool) -> RestoreResult:
+    """Restore from a destination: fetch the user's part of the backup into a private
+    staging directory (rsync over SSH, restic restore), then the same Maildir-aware restore
+    as from the job's own store. The job's lock is held, so no prune removes it meanwhile."""
+    from mailsnap.destinations.base import staging
+    from mailsnap.destinations.run import find_stored, open_destination
+    from mailsnap.restore import restore_user, user_path
+    from mailsnap.runner import Runner
+    from mailsnap.session import job_lock
+
+    _settings, where = open_destination(job, name, Runner())
+    with job_lock(job, "restore", dry_run=False), staging(job.work_dir) as scratch:
+        stored = find_stored(where, wanted)
+        content = where.fetch(stored, user_path(job.users, user), scratch)
+        return restore_user(
+            job_name=job.name, backup_content=content, backup_id=f"{name}:{stored.id}",
+            layout=job.users, user=user, into=into, live_root=job.source,
+            selection=selection, as_folder=as_folder, dry_run=dry_run)
 
 
 @app.command()
@@ -55,6 +82,7 @@ def restore(
     as_folder: Annotated[str | None, typer.Option(
         "--as-folder", help="Put everything under this new folder (e.g. Restored-2026-11-28), "
         "so the user sees what came back.")] = None,
+    destination: DestinationOpt = None,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -72,23 +100,28 @@ def restore(
         if len(jobs) != 1:
             raise ConfigError("restore works on one job: give --job NAME")
         one = jobs[0]
-        store = BackupStore(one.target / one.name, dry_run=dry_run)
-        backups = store.backups()
-        chosen = backups[-1:] if backup == "latest" else [
-            b for b in backups if b.run_id == backup]
-        if not chosen:
-            raise ConfigError(f"job {one.name!r} has no published backup {backup!r} in "
-                              f"{store.root}; `mailsnap list --job {one.name}` shows them")
         selection = Selection(tuple(folder or ()), tuple(message_id or ()),
                               _date(since, "--since"), _date(until, "--until"))
-        destination = "live" if into == "live" else str(Path(into).expanduser().absolute())
-        # The store lock: no prune removes the backup while it is read.
-        with signals_unwind(), store.locked():
-            result = restore_user(
-                job_name=one.name, backup_content=chosen[0].content,
-                backup_id=chosen[0].run_id, layout=one.users, user=user, into=destination,
-                live_root=one.source, selection=selection, as_folder=as_folder,
-                dry_run=dry_run)
+        into_path = "live" if into == "live" else str(Path(into).expanduser().absolute())
+        if destination not in (None, "local"):
+            with signals_unwind():
+                result = _from_destination(one, destination, backup, user, into_path,
+                                           selection, as_folder, dry_run)
+        else:
+            store = BackupStore(one.target / one.name, dry_run=dry_run)
+            backups = store.backups()
+            chosen = backups[-1:] if backup == "latest" else [
+                b for b in backups if b.run_id == backup]
+            if not chosen:
+                raise ConfigError(f"job {one.name!r} has no published backup {backup!r} in "
+                                  f"{store.root}; `mailsnap list --job {one.name}` shows them")
+            # The store lock: no prune removes the backup while it is read.
+            with signals_unwind(), store.locked():
+                result = restore_user(
+                    job_name=one.name, backup_content=chosen[0].content,
+                    backup_id=chosen[0].run_id, layout=one.users, user=user, into=into_path,
+                    live_root=one.source, selection=selection, as_folder=as_folder,
+                    dry_run=dry_run)
         if as_json:
             typer.echo(json.dumps({"status": "ok", **result.as_dict()}, indent=2))
             return EXIT_OK

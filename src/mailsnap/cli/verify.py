@@ -10,6 +10,7 @@ import typer
 from mailsnap.cli.app import (
     ConfigOpt,
     DebugOpt,
+    DestinationOpt,
     JobOpt,
     JsonOpt,
     SourceOpt,
@@ -22,6 +23,40 @@ from mailsnap.cli.app import (
 from mailsnap.errors import EXIT_FAILED, EXIT_OK, ConfigError
 
 
+def _verify_destination(jobs: list[Any], name: str, wanted: str, every: bool, deep: bool,
+                        as_json: bool) -> int:
+    """``verify --destination``: what the destination itself can prove (an SSH store against
+    its manifest, a restic repository with restic check)."""
+    from mailsnap.destinations.run import find_stored, open_destination
+    from mailsnap.runner import Runner
+    from mailsnap.session import job_lock
+
+    results: list[dict[str, Any]] = []
+    worst = EXIT_OK
+    for one in jobs:
+        _settings, where = open_destination(one, name, Runner())
+        with job_lock(one, "verify", dry_run=False):
+            chosen = where.backups() if every else [find_stored(where, wanted)]
+            for item in chosen:
+                problems = where.verify(item, deep=deep)
+                results.append({"job": one.name, "destination": name, "backup": item.id,
+                                "run_id": item.run_id, "ok": not problems,
+                                "problems": problems, "deep": deep})
+                if problems:
+                    worst = EXIT_FAILED
+                if as_json:
+                    continue
+                for problem in problems:
+                    typer.echo(f"{one.name} {name} {item.id}: {problem}")
+                if not problems:
+                    typer.echo(f"{one.name} {name} {item.id}: intact ({where.where()}"
+                               + (", content checked" if deep else "") + ")")
+    if as_json:
+        typer.echo(json.dumps({"status": "ok" if worst == EXIT_OK else "failed",
+                               "exit_code": worst, "backups": results}, indent=2))
+    return worst
+
+
 @app.command()
 def verify(
     backup: Annotated[str, typer.Argument(help="A backup's run id, or 'latest'.")] = "latest",
@@ -32,6 +67,7 @@ def verify(
     every: Annotated[bool, typer.Option("--all", help="Every published backup.")] = False,
     deep: Annotated[bool, typer.Option(
         "--deep", help="Also hash every file and compare with the manifest's sha256.")] = False,
+    destination: DestinationOpt = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -43,6 +79,8 @@ def verify(
 
     def body() -> int:
         jobs = select_jobs(config, job, source, target, None)
+        if destination not in (None, "local"):
+            return _verify_destination(jobs, destination, backup, every, deep, as_json)
         results: list[dict[str, Any]] = []
         worst = EXIT_OK
         for one in jobs:

@@ -1,0 +1,300 @@
+"""The job's dated hard-link store on another host, through rsync over SSH.
+
+The layout there is the local one: ``PATH/<job>/<run id>/{mail/, mailsnap.json,
+manifest.zst}`` and a ``latest`` link, so the remote copy is browsable, restorable with plain
+rsync, and verifiable against its own manifest. A backup is built in ``<run id>.partial`` with
+``--link-dest`` to the previous remote backup (unchanged messages cost one remote link each)
+and published by one remote ``mv``, after a ``sync`` of the remote file system; removal renames
+to ``<run id>.deleting`` first, as locally. Leftovers of a killed run are swept before the next
+send.
+
+Every remote command is an argv list quoted with ``shlex.join`` for the remote shell (ssh
+takes one command string; nothing from a mailbox name is ever interpreted there). rsync gets
+``-s`` (``--protect-args``) so paths with spaces, ``&`` or quotes cross unchanged. The remote
+host needs rsync, GNU coreutils and findutils (``find -printf``, ``sha256sum -z``) and a
+POSIX login shell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import contextlib
+from dataclasses import dataclass
+import logging
+import os
+from pathlib import Path
+import re
+import shlex
+import tempfile
+from typing import ClassVar
+
+from mailsnap.backends.base import RUN_ID_RE
+from mailsnap.config import SSH_TARGET_RE, Job, SshDestination
+from mailsnap.copiers.rsync import _rules_file, parse_stats, tmp_rule
+from mailsnap.destinations.base import Sent, Source, Stored
+from mailsnap.errors import CommandFailed, DestinationFailed, MailsnapError
+from mailsnap.maildirs import survey
+from mailsnap.manifest import MANIFEST_FILE, ManifestDamaged, read_records
+from mailsnap.prune import backup_time
+from mailsnap.runner import Runner
+from mailsnap.store import CONTENT, DELETING_SUFFIX, LATEST, MANIFEST, PARTIAL_SUFFIX
+from mailsnap.verify import listing_problems
+
+log = logging.getLogger(__name__)
+
+# Listing, renaming and deleting over SSH: a hung connection must not hang the night.
+COMMAND_TIMEOUT = 600.0
+
+# Publish: make the copied files durable on the remote file system, then one rename (the
+# commit point), then point ``latest`` at it. "$1" partial, "$2" final, "$3" run id,
+# "$4" the latest link. ``sync -f`` is syncfs(2) (coreutils 8.24+); plain sync otherwise.
+PUBLISH = ('sync -f "$1" 2>/dev/null || sync; [ ! -e "$2" ] || { echo "$2 exists" >&2; '
+           'exit 17; }; mv -T -- "$1" "$2" && ln -sfn -- "$3" "$4.tmp" && '
+           'mv -Tf -- "$4.tmp" "$4"')
+# Remove backups: rename each to <id>.deleting (no longer published), then delete it.
+REMOVE = ('for id; do if [ -d "$id" ]; then mv -T -- "$id" "$id.deleting" || exit 1; fi; '
+          'rm -rf -- "$id.deleting" || exit 1; done')
+
+
+@dataclass(frozen=True)
+class Remote:
+    user: str | None
+    host: str
+    port: int | None
+    path: str
+
+    @classmethod
+    def parse(cls, url: str) -> Remote:
+        match = SSH_TARGET_RE.fullmatch(url)
+        if not match:  # the config validated it
+            raise MailsnapError(f"{url!r} is not an ssh:// target")
+        port = match.group("port")
+        return cls(match.group("user"), match.group("host"), int(port) if port else None,
+                   match.group("path").rstrip("/"))
+
+    @property
+    def login(self) -> str:
+        """For ssh: ``user@host``, an IPv6 address without its brackets."""
+        host = self.host.strip("[]")
+        return f"{self.user}@{host}" if self.user else host
+
+    @property
+    def spec(self) -> str:
+        """For rsync's ``HOST:PATH``: an IPv6 address keeps its brackets."""
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+
+class SshStore:
+    kind: ClassVar[str] = "ssh"
+
+    def __init__(self, job: Job, settings: SshDestination, runner: Runner) -> None:
+        self.job = job
+        self.settings = settings
+        self.name = settings.name
+        self.runner = runner
+        self.remote = Remote.parse(settings.target)
+        self.root = f"{self.remote.path}/{job.name}"
+
+    def where(self) -> str:
+        return f"{self.remote.login}:{self.root}"
+
+    # -- commands --------------------------------------------------------------------------
+
+    def ssh_argv(self) -> list[str]:
+        """ssh and its options, without the host: host keys are always checked."""
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
+        if self.remote.port:
+            argv += ["-p", str(self.remote.port)]
+        if self.settings.ssh_key:
+            argv += ["-i", str(self.settings.ssh_key), "-o", "IdentitiesOnly=yes"]
+        if self.settings.known_hosts:
+            argv += ["-o", f"UserKnownHostsFile={self.settings.known_hosts}"]
+        return argv + list(self.settings.ssh_options)
+
+    def rsync_argv(self) -> list[str]:
+        argv = ["rsync", "-aHAX", "--numeric-ids", "-s", "--stats", "-e",
+                shlex.join(self.ssh_argv())]
+        if self.settings.rsync_path:
+            argv.append(f"--rsync-path={self.settings.rsync_path}")
+        return argv
+
+    def run_remote(self, argv: Sequence[str], *, mutates: bool, what: str,
+                   ok_codes: Sequence[int] = (0,)) -> bytes:
+        """``argv`` on the remote host; its stdout as bytes (names from there are bytes)."""
+        command = [*self.ssh_argv(), self.remote.login, "--", shlex.join(argv)]
+        try:
+            result = self.runner.run(command, mutates=mutates, timeout=COMMAND_TIMEOUT,
+                                     ok_codes=ok_codes)
+        except CommandFailed as exc:
+            raise self.failed(what, exc) from None
+        return result.stdout_bytes
+
+    def failed(self, what: str, exc: CommandFailed) -> DestinationFailed:
+        last = exc.stderr.strip().splitlines()[-1] if exc.stderr.strip() else "no error output"
+        hint = "check that the host is reachable and the key is authorized"
+        if "Host key verification failed" in exc.stderr:
+            hint = ("the host key is not in known_hosts: add it (ssh-keyscan, checked by hand) "
+                    "or set known_hosts")
+        elif "No space left" in exc.stderr or exc.exit_code_of_command == 11:
+            hint = "the remote file system is full: free space there"
+        elif exc.exit_code_of_command is None:
+            hint = "it did not answer in time"
+        return DestinationFailed(f"destination {self.name} ({self.where()}): {what} failed: "
+                                 f"{last}; {hint}")
+
+    # -- the store -------------------------------------------------------------------------
+
+    def _names(self) -> list[str]:
+        raw = self.run_remote(
+            ["sh", "-c", 'if [ -d "$1" ]; then find "$1" -mindepth 1 -maxdepth 1 -type d '
+             '-printf "%f\\0"; fi', "sh", self.root],
+            mutates=False, what="listing the backups")
+        return sorted(os.fsdecode(n) for n in raw.split(b"\0") if n)
+
+    def backups(self) -> list[Stored]:
+        return [Stored(name, backup_time(name), name) for name in self._names()
+                if re.fullmatch(RUN_ID_RE, name)]
+
+    def _sweep(self, names: list[str]) -> None:
+        """Remove what a killed run left: unpublished ``.partial`` and unfinished
+        ``.deleting`` directories (the job lock is held, so no run of ours owns them)."""
+        left = [n for n in names
+                if any(n.endswith(s) and re.fullmatch(RUN_ID_RE, n.removesuffix(s))
+                       for s in (PARTIAL_SUFFIX, DELETING_SUFFIX))]
+        if left:
+            log.warning("destination %s: removing %s left by an interrupted run", self.name,
+                        ", ".join(left))
+            self.run_remote(["rm", "-rf", "--", *(f"{self.root}/{n}" for n in left)],
+                            mutates=True, what="removing leftovers")
+
+    def send(self, source: Source) -> Sent:
+        self.run_remote(["mkdir", "-p", "-m", "0700", "--", self.root], mutates=True,
+                        what="creating the store")
+        names = self._names()
+        self._sweep(names)
+        published = [n for n in names if re.fullmatch(RUN_ID_RE, n)]
+        if source.run_id in published:
+            raise DestinationFailed(f"destination {self.name}: {self.root}/{source.run_id} "
+                                    "already exists; refusing to overwrite a backup")
+        partial = f"{self.root}/{source.run_id}{PARTIAL_SUFFIX}"
+        self.run_remote(["mkdir", "-m", "0700", "--", partial], mutates=True,
+                        what="creating the backup directory")
+        try:
+            stats = self._copy(source, partial, published[-1] if published else None)
+            self.run_remote(["sh", "-c", PUBLISH, "sh", partial,
+                             f"{self.root}/{source.run_id}", source.run_id,
+                             f"{self.root}/{LATEST}"], mutates=True, what="publishing")
+        except BaseException:
+            with contextlib.suppress(MailsnapError):  # the next send sweeps it otherwise
+                self.run_remote(["rm", "-rf", "--", partial], mutates=True,
+                                what="removing the unpublished copy")
+            raise
+        return Sent(source.run_id, files=stats.files, bytes_sent=stats.bytes_sent,
+                    details={"linked": stats.linked, "previous": published[-1]
+                             if published else None})
+
+    def _copy(self, source: Source, partial: str, previous: str | None) -> _Copied:
+        argv = self.rsync_argv()
+        if previous is not None:
+            # Relative to the receiving directory, <id>.partial/mail.
+            argv.append(f"--link-dest=../../{previous}/{CONTENT}")
+        with contextlib.ExitStack() as stack:
+            if not source.clean:
+                rules = [tmp_rule(rel) for rel in survey(source.tree, source.excludes).maildirs]
+                if rules and not self.runner.dry_run:
+                    argv += ["--from0",
+                             f"--exclude-from={stack.enter_context(_rules_file(rules))}"]
+                argv += [f"--exclude={pattern}" for pattern in source.excludes]
+            argv += [f"{source.tree}/", f"{self.remote.spec}:{partial}/{CONTENT}/"]
+            try:
+                result = self.runner.run(argv, mutates=True, timeout=self.settings.timeout)
+            except CommandFailed as exc:
+                raise self.failed("copying", exc) from None
+        stats = parse_stats(result.stdout)
+        sent = re.search(r"^Literal data:\s*([\d,]+)", result.stdout, re.MULTILINE)
+        if source.local is not None:
+            meta = [str(source.local / name) for name in (MANIFEST, MANIFEST_FILE)
+                    if (source.local / name).exists()]
+            if meta:
+                try:
+                    self.runner.run([*self.rsync_argv(), *meta,
+                                     f"{self.remote.spec}:{partial}/"],
+                                    mutates=True, timeout=COMMAND_TIMEOUT)
+                except CommandFailed as exc:
+                    raise self.failed("copying the manifest", exc) from None
+        return _Copied(stats.files, stats.linked,
+                       int(sent.group(1).replace(",", "")) if sent else None)
+
+    def remove(self, stored: list[Stored]) -> None:
+        if not stored:
+            return
+        for item in stored:
+            if not re.fullmatch(RUN_ID_RE, item.id):
+                raise DestinationFailed(f"refusing to remove {item.id!r}: not a backup name")
+        self.run_remote(["sh", "-c", f'cd -- "$0" && {REMOVE}', self.root,
+                         *(item.id for item in stored)], mutates=True,
+                        what="removing old backups")
+
+    def verify(self, stored: Stored, *, deep: bool) -> list[str]:
+        """The remote backup against its own manifest (fetched from there): every file
+        present with its size (``deep``: its sha256, computed on the remote host), nothing
+        unlisted, the backup directory private."""
+        base = f"{self.root}/{stored.id}"
+        listing_raw = self.run_remote(
+            ["sh", "-c", 'stat -c "%a" -- "$1" && find "$1/mail" -mindepth 1 -printf '
+             '"%y %s %P\\0"', "sh", base], mutates=False, what="listing the backup")
+        mode, _, rest = listing_raw.partition(b"\n")
+        problems = []
+        if mode.strip() != b"700":
+            problems.append(f"{base}: mode {mode.strip().decode()}, not 0700 (backups are "
+                            "private)")
+        listing: dict[str, tuple[str, int]] = {}
+        for item in rest.split(b"\0"):
+            if item:
+                kind, size, name = item.split(b" ", 2)
+                listing[os.fsdecode(name)] = (kind.decode(), int(size))
+        digests = None
+        if deep:
+            raw = self.run_remote(
+                ["sh", "-c", 'cd -- "$1/mail" && find . -type f -exec sha256sum -z -- {} +',
+                 "sh", base], mutates=False, what="hashing the backup")
+            digests = {}
+            for line in raw.split(b"\0"):
+                if line:
+                    digest, name = line.split(b"  ", 1)
+                    digests[os.fsdecode(name).removeprefix("./")] = digest.decode()
+        with tempfile.TemporaryDirectory(prefix="mailsnap-verify-") as scratch:
+            try:
+                self.runner.run([*self.rsync_argv(),
+                                 f"{self.remote.spec}:{base}/{MANIFEST_FILE}", scratch],
+                                mutates=False, timeout=COMMAND_TIMEOUT)
+            except CommandFailed as exc:
+                if "No such file" in exc.stderr:
+                    return [*problems, f"{base}/{MANIFEST_FILE}: missing (a backup made with "
+                            "copier = 'rsync' has none)"]
+                raise self.failed("reading the manifest", exc) from None
+            try:
+                records = read_records(Path(scratch) / MANIFEST_FILE)
+                problems += listing_problems(records, listing, digests)
+            except ManifestDamaged as exc:
+                problems.append(str(exc))
+        return problems
+
+    def fetch(self, stored: Stored, subdir: str, into: Path) -> Path:
+        mail = into / CONTENT
+        local = mail / subdir if subdir else mail
+        local.mkdir(mode=0o700, parents=True, exist_ok=True)
+        remote = f"{self.root}/{stored.id}/{CONTENT}" + (f"/{subdir}" if subdir else "")
+        try:
+            self.runner.run([*self.rsync_argv(), f"{self.remote.spec}:{remote}/", f"{local}/"],
+                            mutates=False, timeout=self.settings.timeout)
+        except CommandFailed as exc:
+            raise self.failed(f"fetching {stored.id}", exc) from None
+        return mail
+
+
+@dataclass(frozen=True)
+class _Copied:
+    files: int
+    linked: int
+    bytes_sent: int | None

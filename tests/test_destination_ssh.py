@@ -1,0 +1,249 @@
+"""The ``ssh`` and second ``local`` destinations, against a real sshd on 127.0.0.1.
+
+The "remote" store is a directory of this machine reached through ssh and rsync over ssh, so
+every byte crosses a real SSH connection and the result can still be compared with the local
+backup file by file.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from mailsnap.config import Job, parse_config
+from mailsnap.errors import ConfigError, DestinationFailed
+from mailsnap.pipeline import run_backup
+from mailsnap.recorder import recording
+from mailsnap.runner import Runner
+from mailsnap.store import BackupStore
+from tests.helpers.loopfs import BtrfsVolume
+from tests.helpers.maildir_writer import seed
+from tests.helpers.sshd import Sshd, free_port
+from tests.helpers.trees import diff_trees
+
+START = datetime(2026, 11, 1, 2, 0, tzinfo=UTC)
+HOSTILE = ["Sent Items", "Tom & Jerry", "it's \"quoted\"", "Café", "a*b"]
+
+
+def job_of(source: Path, target: Path, destinations: list[dict[str, Any]],
+           backend: str = "live", **keys: object) -> Job:
+    data = {"name": "mail", "source": str(source), "target": str(target), "backend": backend,
+            "destination": destinations, **keys}
+    return parse_config({"job": [data]}, origin="test").job[0]
+
+
+def ssh_dest(sshd: Sshd, path: Path, **keys: object) -> dict[str, Any]:
+    return {"name": "offsite", "type": "ssh", "target": sshd.url(path),
+            "ssh_key": str(sshd.key), "known_hosts": str(sshd.known_hosts),
+            "ssh_options": ["-F", "/dev/null"], **keys}
+
+
+def hostile_source(root: Path) -> Path:
+    seed(root, per_folder=6)
+    for name in HOSTILE:
+        folder = root / f".{name}"
+        for sub in ("cur", "new", "tmp"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / "cur" / "1700000000.M1P1.host,S=5:2,S").write_bytes(b"hello")
+    (root / "tmp" / "half-written").write_bytes(b"partial")
+    (root / "dovecot-uidlist.lock").write_bytes(b"")
+    return root
+
+
+def backup_at(job: Job, when: datetime) -> tuple[str, list[dict[str, Any]]]:
+    with recording() as recorder:
+        report = run_backup(job, Runner(), clock=lambda: when)
+    assert report.backup is not None
+    return Path(report.backup).name, list(recorder.destinations)
+
+
+def a_message(root: Path) -> Path:
+    return sorted((root / "cur").iterdir())[0]
+
+
+# -- config -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["ssh://backup@host:/srv/mailsnap", "ssh://host:2222/srv/m",
+                                 "ssh://b@[::1]:22/srv/x y", "ssh://b@host/srv/m"])
+def test_ssh_targets_that_parse(url: str, tmp_path: Path) -> None:
+    from mailsnap.destinations.ssh import Remote
+
+    job = job_of(tmp_path / "m", tmp_path / "b", [{"name": "o", "type": "ssh", "target": url}])
+    remote = Remote.parse(job.destination[0].target)  # type: ignore[union-attr]
+    assert remote.path.startswith("/srv/")
+
+
+@pytest.mark.parametrize("url,why", [
+    ("backup@host:/srv", "not an SSH target"),
+    ("ssh://host/", "directory below /"),
+    ("ssh://host/srv/../etc", "without '..'"),
+    ("ssh://host:99999/srv", "port must be"),
+    ("ssh://host/srv/it's", "quote"),
+])
+def test_bad_ssh_targets_get_one_line_naming_the_field(url: str, why: str,
+                                                       tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        job_of(tmp_path / "m", tmp_path / "b", [{"name": "o", "type": "ssh", "target": url}])
+    assert caught.value.lines == [caught.value.lines[0]]
+    assert "job[0].destination[0].target" in caught.value.lines[0]
+    assert why in caught.value.lines[0]
+
+
+def test_destination_names_are_unique_and_local_is_reserved(tmp_path: Path) -> None:
+    two = [{"name": "o", "type": "local", "target": str(tmp_path / "x")},
+           {"name": "o", "type": "local", "target": str(tmp_path / "y")}]
+    with pytest.raises(ConfigError, match="used twice"):
+        job_of(tmp_path / "m", tmp_path / "b", two)
+    with pytest.raises(ConfigError, match="names the job's own target"):
+        job_of(tmp_path / "m", tmp_path / "b",
+               [{"name": "local", "type": "local", "target": str(tmp_path / "x")}])
+    with pytest.raises(ConfigError, match="type must be one of ssh, restic, local"):
+        job_of(tmp_path / "m", tmp_path / "b", [{"name": "o", "type": "ftp"}])
+
+
+def test_ssh_commands_are_argv_lists_and_host_keys_are_checked(tmp_path: Path) -> None:
+    from mailsnap.destinations.ssh import SshStore
+
+    job = job_of(tmp_path / "m", tmp_path / "b", [{
+        "name": "o", "type": "ssh", "target": "ssh://backup@host:2222/srv/mail snap",
+        "ssh_key": "/etc/mailsnap/id ed25519"}])
+    store = SshStore(job, job.destination[0], Runner())  # type: ignore[arg-type]
+    assert store.ssh_argv() == ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                                "-p", "2222", "-i", "/etc/mailsnap/id ed25519",
+                                "-o", "IdentitiesOnly=yes"]
+    rsync = store.rsync_argv()
+    assert rsync[:5] == ["rsync", "-aHAX", "--numeric-ids", "-s", "--stats"]
+    assert rsync[6].endswith("-i '/etc/mailsnap/id ed25519' -o IdentitiesOnly=yes")
+    assert store.where() == "backup@host:/srv/mail snap/mail"
+
+
+# -- against the real sshd ----------------------------------------------------------------------
+
+
+@pytest.mark.offsite
+def test_ssh_and_second_disk_get_every_backup_and_keep_their_own_history(
+        sshd: Sshd, tmp_path: Path) -> None:
+    source = hostile_source(tmp_path / "Maildir")
+    remote, disk = tmp_path / "remote", tmp_path / "usb"
+    job = job_of(source, tmp_path / "backups", [
+        ssh_dest(sshd, remote, keep_last=2),
+        {"name": "usb", "type": "local", "target": str(disk)},
+    ])
+    first, results = backup_at(job, START)
+    assert [(r["name"], r["status"], r["from"]) for r in results] == [
+        ("offsite", "ok", "local"), ("usb", "ok", "local")]  # live job: from the backup
+    local = tmp_path / "backups/mail" / first
+    remote_first = remote / "mail" / first
+    assert diff_trees(local / "mail", remote_first / "mail") == []
+    assert diff_trees(local / "mail", disk / "mail" / first / "mail") == []
+    assert (remote_first / "manifest.zst").read_bytes() == (local / "manifest.zst").read_bytes()
+    assert os.readlink(remote / "mail/latest") == first
+    assert oct(os.stat(remote_first).st_mode & 0o777) == "0o700"
+    assert not list((remote_first / "mail/tmp").iterdir())
+    assert not (remote_first / "mail/dovecot-uidlist.lock").exists()
+
+    a_message(source).rename(a_message(source).with_name(a_message(source).name + "R"))
+    second, _ = backup_at(job, START + timedelta(days=1))
+    third, results = backup_at(job, START + timedelta(days=2))
+    assert results[0]["pruned"] == [first]
+    assert sorted(p.name for p in (remote / "mail").iterdir()) == sorted(
+        [second, third, "latest"])
+    # No keep_* keys there: the second disk keeps all three.
+    assert [b.run_id for b in BackupStore(disk / "mail").backups()] == [first, second, third]
+    # Unchanged messages are hard links to the previous remote backup.
+    unchanged = next((remote / "mail" / second / "mail/.Sent Items/cur").iterdir())
+    assert unchanged.stat().st_nlink >= 2
+    assert diff_trees(source, remote / "mail" / third / "mail",
+                      excludes=job.excludes) == []
+
+
+@pytest.mark.offsite
+@pytest.mark.privileged
+def test_ssh_from_the_snapshot_leaves_out_tmp_and_locks(sshd: Sshd, btrfs: BtrfsVolume,
+                                                        tmp_path: Path) -> None:
+    hostile_source(btrfs.mail)
+    remote = tmp_path / "remote"
+    job = job_of(btrfs.mail, tmp_path / "backups", [ssh_dest(sshd, remote)], backend="btrfs",
+                 run_dir=str(tmp_path / "run"))
+    run_id, results = backup_at(job, START)
+    assert results[0]["from"] == "snapshot" and results[0]["status"] == "ok"
+    copy = remote / "mail" / run_id / "mail"
+    assert diff_trees(btrfs.mail, copy, excludes=job.excludes) == []
+    assert not list((copy / "tmp").iterdir())
+    assert not (copy / "dovecot-uidlist.lock").exists()
+
+
+@pytest.mark.offsite
+def test_an_unreachable_destination_fails_alone(sshd: Sshd, tmp_path: Path) -> None:
+    source = hostile_source(tmp_path / "Maildir")
+    closed = {"name": "offsite", "type": "ssh",
+              "target": f"ssh://root@127.0.0.1:{free_port()}{tmp_path / 'remote'}",
+              "ssh_options": ["-o", "ConnectTimeout=5"]}
+    job = job_of(source, tmp_path / "backups", [
+        closed, {"name": "usb", "type": "local", "target": str(tmp_path / "usb")}])
+    with recording() as recorder, pytest.raises(DestinationFailed) as caught:
+        run_backup(job, Runner(), clock=lambda: START)
+    message = str(caught.value)
+    assert "was published" in message and "1 of 2 destinations failed" in message
+    assert "destination offsite" in message and "done: usb" in message
+    assert [b.run_id for b in BackupStore(tmp_path / "backups/mail").backups()] == [
+        "20261101T020000Z"]
+    assert [(r["name"], r["status"]) for r in recorder.destinations] == [
+        ("offsite", "failed"), ("usb", "ok")]
+
+
+@pytest.mark.offsite
+def test_remote_verify_finds_damage_and_restore_fetches_over_ssh(sshd: Sshd,
+                                                                 tmp_path: Path) -> None:
+    source = hostile_source(tmp_path / "Maildir")
+    remote = tmp_path / "remote"
+    job = job_of(source, tmp_path / "backups", [ssh_dest(sshd, remote)], users="")
+    run_id, _ = backup_at(job, START)
+    config = tmp_path / "mailsnap.toml"
+    config.write_text(_toml(job, sshd, remote))
+
+    ok = mailsnap("verify", "--config", config, "--destination", "offsite", "--deep")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "intact" in ok.stdout
+
+    victim = next((remote / "mail" / run_id / "mail/.Café/cur").iterdir())
+    victim.write_bytes(b"HELLO")  # same size, other content
+    (remote / "mail" / run_id / "mail/stray").write_bytes(b"x")
+    shallow = mailsnap("verify", "--config", config, "--destination", "offsite")
+    assert shallow.returncode == 1
+    assert "'stray': in the backup but not in its manifest" in shallow.stdout
+    assert "content differs" not in shallow.stdout
+    deep = mailsnap("verify", "--config", config, "--destination", "offsite", "--deep")
+    assert "content differs from the manifest (sha256)" in deep.stdout
+
+    listed = mailsnap("list", "--config", config, "--destination", "offsite", "--json")
+    assert [b["id"] for b in json.loads(listed.stdout)["backups"]] == [run_id]
+
+    out = tmp_path / "restored"
+    restored = mailsnap("restore", "--config", config, "--user", "anyone", "--destination",
+                        "offsite", "--folder", "Sent Items", "--into", str(out))
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    got = list((out / ".Sent Items/cur").iterdir())
+    assert [p.read_bytes() for p in got] == [b"hello"]
+
+
+def _toml(job: Job, sshd: Sshd, remote: Path) -> str:
+    return "\n".join([
+        "[[job]]", f'name = "{job.name}"', f'source = "{job.source}"',
+        f'target = "{job.target}"', f'backend = "{job.backend}"', 'users = ""',
+        "[[job.destination]]", 'name = "offsite"', 'type = "ssh"',
+        f'target = "{sshd.url(remote)}"', f'ssh_key = "{sshd.key}"',
+        f'known_hosts = "{sshd.known_hosts}"', ""])
+
+
+def mailsnap(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mailsnap", *map(str, args)],
+                          capture_output=True, text=True, check=False, timeout=120)
