@@ -247,3 +247,66 @@ def _toml(job: Job, sshd: Sshd, remote: Path) -> str:
 def mailsnap(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "mailsnap", *map(str, args)],
                           capture_output=True, text=True, check=False, timeout=120)
+
+
+@pytest.mark.offsite
+def test_sigterm_during_an_upload_stops_it_and_keeps_the_published_backup(
+        sshd: Sshd, tmp_path: Path) -> None:
+    source = hostile_source(tmp_path / "Maildir")
+    remote = tmp_path / "remote"
+    job = job_of(source, tmp_path / "backups", [])
+    config = tmp_path / "mailsnap.toml"
+    # The remote rsync starts only after a minute: the upload is "slow".
+    config.write_text(_toml(job, sshd, remote) + 'rsync_path = "sleep 60; rsync"\n')
+    process = subprocess.Popen([sys.executable, "-m", "mailsnap", "backup", "--config",
+                                str(config), "--quiet"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = datetime.now() + timedelta(seconds=60)
+        while not list((remote / "mail").glob("*.partial")) and datetime.now() < deadline:
+            assert process.poll() is None, process.communicate()
+            subprocess.run(["sleep", "0.05"], check=True)
+        assert list((remote / "mail").glob("*.partial")), "the upload never started"
+        process.terminate()
+        _out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "interrupted by SIGTERM" in err and "was published" in err
+    assert "destinations not done: offsite" in err
+    assert len(BackupStore(tmp_path / "backups/mail").backups()) == 1
+    assert not list((remote / "mail").glob("*.partial"))  # the unpublished copy was removed
+
+
+@pytest.mark.offsite
+def test_every_sends_only_when_the_copy_there_is_old_enough(sshd: Sshd,
+                                                            tmp_path: Path) -> None:
+    source = hostile_source(tmp_path / "Maildir")
+    remote = tmp_path / "remote"
+    job = job_of(source, tmp_path / "backups", [ssh_dest(sshd, remote, every="7d")])
+    statuses = []
+    for day in range(8):
+        _, results = backup_at(job, START + timedelta(days=day, minutes=-day))
+        statuses.append(results[0]["status"])
+    # Day 7 fires 7 minutes early and still counts (10% slack).
+    assert statuses == ["ok"] + ["skipped"] * 6 + ["ok"]
+    assert len([p for p in (remote / "mail").iterdir() if p.name != "latest"]) == 2
+
+
+@pytest.mark.offsite
+def test_check_says_whether_each_destination_answers(sshd: Sshd, tmp_path: Path) -> None:
+    source = hostile_source(tmp_path / "Maildir")
+    job = job_of(source, tmp_path / "backups", [])
+    config = tmp_path / "mailsnap.toml"
+    config.write_text(_toml(job, sshd, tmp_path / "remote") + "keep_daily = 14\n"
+                      "[[job.destination]]\nname = \"gone\"\ntype = \"ssh\"\n"
+                      f"target = \"ssh://root@127.0.0.1:{free_port()}/srv\"\n"
+                      "ssh_options = [\"-o\", \"ConnectTimeout=5\"]\n")
+    result = mailsnap("check", "--config", config, "--json")
+    rows = {r["check"]: r for r in json.loads(result.stdout)["checks"]}
+    assert rows["destination offsite"]["ok"], rows["destination offsite"]
+    assert "0 backups, from snapshot, retention: keep_daily=14" in rows[
+        "destination offsite"]["detail"]
+    assert not rows["destination gone"]["ok"]
+    assert "destination gone" in rows["destination gone"]["detail"]
+    assert result.returncode == 1

@@ -166,3 +166,15 @@ def _print_reports(reports: list[RunReport]) -> None:
                           f"{human_size(r.bytes or 0)}, {r.linked} unchanged (hard-linked), "
                           f"{kind} via {r.backend}, {r.seconds:.1f}s",
                           highlight=False, soft_wrap=True)
+        for d in r.destinations:
+            if d["status"] == "failed":
+                mark, what = "[red]✗[/]", "failed (see above)"
+            elif d["status"] == "skipped":
+                mark, what = "[yellow]-[/]", "not due (every)"
+            elif d["status"] == "dry-run":
+                mark, what = "[yellow]-[/]", "dry run: nothing sent"
+            else:
+                sent = human_size(d["bytes_sent"]) if d["bytes_sent"] is not None else "?"
+                mark, what = "[green]✓[/]", f"{d['id']}, {d['files']} files, {sent} sent"
+            console.print(f"  {mark} {d['name']} ({d['type']} {d['where']}, from {d['from']}): "
+                          f"{what}, {d['seconds']:.1f}s", highlight=False, soft_wrap=True)

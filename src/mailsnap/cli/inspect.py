@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
 import os
 from pathlib import Path
@@ -237,6 +238,7 @@ def _check_job(job: Job, runner: Runner) -> list[dict[str, Any]]:
     add("retention", True, policy.describe() + (
         ": the target grows every night; set keep_daily, keep_weekly … to prune"
         if policy.keeps_everything else ""))
+    _check_destinations(job, add)
     src = job.source
     if not src.is_dir():
         add("source", False, f"{src}: not a directory")
@@ -273,6 +275,29 @@ def _check_job(job: Job, runner: Runner) -> list[dict[str, Any]]:
     add("privileges", root_ok, "root" if os.geteuid() == 0 else
         ("not root: fine for live" if root_ok else f"{backend.name} needs root"))
     return rows
+
+
+def _check_destinations(job: Job, add: Callable[[str, bool, str], None]) -> None:
+    """Each destination: its tools, and whether it answers (listing is read-only)."""
+    from mailsnap.destinations.base import policy
+    from mailsnap.destinations.run import destinations_of
+    from mailsnap.runner import Runner
+
+    tools = {"ssh": ["ssh", "rsync"], "restic": ["restic"], "local": []}
+    for settings, where in destinations_of(job, Runner(dry_run=True)):
+        check = f"destination {settings.name}"
+        missing = [t for t in tools[settings.type] if shutil.which(t) is None]
+        if missing:
+            add(check, False, f"{settings.type}: missing {', '.join(missing)}")
+            continue
+        try:
+            held = where.backups()
+        except MailsnapError as exc:
+            add(check, False, str(exc))
+            continue
+        rules = policy(settings)
+        add(check, True, f"{settings.type} {where.where()}: {len(held)} backups, from "
+            f"{settings.read_from}, retention: {rules.describe()}")
 
 
 def _dovecot_mail_fsync(runner: Runner) -> str | None:
