@@ -310,3 +310,36 @@ def test_check_says_whether_each_destination_answers(sshd: Sshd, tmp_path: Path)
     assert not rows["destination gone"]["ok"]
     assert "destination gone" in rows["destination gone"]["detail"]
     assert result.returncode == 1
+
+
+@pytest.mark.offsite
+@pytest.mark.privileged
+def test_a_full_remote_disk_fails_that_destination_and_leaves_nothing_half_made(
+        sshd: Sshd, tmp_path: Path) -> None:
+    source = hostile_source(tmp_path / "Maildir")
+    big = source / ".Big/cur"
+    big.mkdir(parents=True)
+    for sub in ("new", "tmp"):
+        (source / ".Big" / sub).mkdir()
+    for n in range(4):
+        (big / f"170000000{n}.M{n}P1.host,S=400000:2,S").write_bytes(os.urandom(400_000))
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(remote)], check=True)
+    try:
+        job = job_of(source, tmp_path / "backups", [ssh_dest(sshd, remote)])
+        with pytest.raises(DestinationFailed) as caught:
+            run_backup(job, Runner(), clock=lambda: START)
+        assert "the remote file system is full" in str(caught.value)
+        assert "was published" in str(caught.value)
+        assert [p.name for p in (remote / "mail").iterdir()] == []  # the partial is gone
+    finally:
+        subprocess.run(["umount", str(remote)], check=True)
+
+
+def test_the_example_config_has_typed_destinations() -> None:
+    from mailsnap.config import load_config
+
+    job = load_config(Path(__file__).parent.parent / "examples/mailsnap.toml").job[0]
+    kinds = [(d.name, d.type, d.read_from) for d in job.destination]
+    assert kinds == [("offsite", "ssh", "local"), ("s3", "restic", "snapshot")]
