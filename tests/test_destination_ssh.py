@@ -343,3 +343,28 @@ def test_the_example_config_has_typed_destinations() -> None:
     job = load_config(Path(__file__).parent.parent / "examples/mailsnap.toml").job[0]
     kinds = [(d.name, d.type, d.read_from) for d in job.destination]
     assert kinds == [("offsite", "ssh", "local"), ("s3", "restic", "snapshot")]
+
+
+@pytest.mark.offsite
+def test_renamed_and_moved_messages_are_linked_on_the_remote_host_not_sent_again(
+        sshd: Sshd, tmp_path: Path) -> None:
+    source = tmp_path / "Maildir"
+    seed(source, per_folder=20, size=50_000)
+    remote = tmp_path / "remote"
+    job = job_of(source, tmp_path / "backups", [ssh_dest(sshd, remote)])
+    first, _ = backup_at(job, START)
+    cur = sorted((source / "cur").iterdir())
+    for path in cur[:5]:  # flag changes
+        path.rename(path.with_name(path.name + "RS" if ":2," in path.name else path.name))
+    moved = cur[5]
+    folder = next(p for p in source.iterdir() if p.name.startswith(".") and p.is_dir())
+    moved.rename(folder / "cur" / moved.name)  # a folder move
+    second, results = backup_at(job, START + timedelta(days=1))
+    assert results[0]["status"] == "ok"
+    new = remote / "mail" / second / "mail"
+    assert diff_trees(tmp_path / "backups/mail" / second / "mail", new) == []
+    # Nothing but metadata crossed: no message was sent again.
+    assert results[0]["bytes_sent"] < 50_000, results[0]
+    renamed = next(p for p in (new / "cur").iterdir() if p.name.endswith("RS"))
+    assert renamed.stat().st_nlink >= 2  # the previous remote backup's file
+    assert (new / folder.name / "cur" / moved.name).stat().st_nlink >= 2

@@ -100,7 +100,7 @@ class Runner:
         on_wait: Callable[[], None] | None = None,
         poll_interval: float = 5.0,
         passthrough: bool = False,
-        stdin: str | None = None,
+        stdin: str | bytes | None = None,
         on_output: Callable[[str], None] | None = None,
     ) -> Result:
         """Run ``argv`` and return its output, or raise ``CommandFailed``.

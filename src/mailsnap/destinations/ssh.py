@@ -17,7 +17,7 @@ POSIX login shell.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 import contextlib
 from dataclasses import dataclass
 import logging
@@ -119,12 +119,12 @@ class SshStore:
         return argv
 
     def run_remote(self, argv: Sequence[str], *, mutates: bool, what: str,
-                   ok_codes: Sequence[int] = (0,)) -> bytes:
+                   ok_codes: Sequence[int] = (0,), stdin: bytes | None = None) -> bytes:
         """``argv`` on the remote host; its stdout as bytes (names from there are bytes)."""
         command = [*self.ssh_argv(), self.remote.login, "--", shlex.join(argv)]
         try:
             result = self.runner.run(command, mutates=mutates, timeout=COMMAND_TIMEOUT,
-                                     ok_codes=ok_codes)
+                                     ok_codes=ok_codes, stdin=stdin)
         except CommandFailed as exc:
             raise self.failed(what, exc) from None
         return result.stdout_bytes
@@ -180,6 +180,8 @@ class SshStore:
         self.run_remote(["mkdir", "-m", "0700", "--", partial], mutates=True,
                         what="creating the backup directory")
         try:
+            if published:
+                self._link_renamed(source, partial, published[-1])
             stats = self._copy(source, partial, published[-1] if published else None)
             self.run_remote(["sh", "-c", PUBLISH, "sh", partial,
                              f"{self.root}/{source.run_id}", source.run_id,
@@ -192,6 +194,37 @@ class SshStore:
         return Sent(source.run_id, files=stats.files, bytes_sent=stats.bytes_sent,
                     details={"linked": stats.linked, "previous": published[-1]
                              if published else None})
+
+    def _link_renamed(self, source: Source, partial: str, previous: str) -> int:
+        """Renamed and moved messages cost no transfer: where this host still has the backup
+        the remote one was made from (same run id), every file of the new backup that is a
+        hard link to a file of it under another name (a flag change, new/ → cur/, a folder
+        move: the Maildir copier linked it) is hard-linked on the remote host from the
+        previous remote backup before rsync runs, which then finds it up to date. rsync's
+        ``--link-dest`` alone matches by path and would send each again. A link that cannot
+        be made there (the remote backup differs) just leaves that file to rsync."""
+        if source.local is None:
+            return 0
+        before = source.local.parent / previous / CONTENT
+        after = source.local / CONTENT
+        if not before.is_dir() or not after.is_dir():
+            return 0
+        pairs = renamed_pairs(before, after)
+        if not pairs:
+            return 0
+        dirs = sorted({f"{CONTENT}/{os.path.dirname(n)}".rstrip("/") for _, n in pairs})
+        self.run_remote(["sh", "-c", 'cd -- "$1" && xargs -0 -r mkdir -p --', "sh", partial],
+                        mutates=True, what="making folders for renamed messages",
+                        stdin=b"".join(os.fsencode(d) + b"\0" for d in dirs))
+        # One ln per pair: GNU xargs exits 123 when some failed (that file is sent instead).
+        self.run_remote(
+            ["sh", "-c", 'cd -- "$1" && xargs -0 -r -n 2 ln --', "sh", partial],
+            mutates=True, what="linking renamed messages", ok_codes=(0, 123),
+            stdin=b"".join(os.fsencode(f"../{previous}/{CONTENT}/{old}") + b"\0"
+                           + os.fsencode(f"{CONTENT}/{new}") + b"\0" for old, new in pairs))
+        log.info("destination %s: %d renamed or moved files linked on the remote host from "
+                 "%s", self.name, len(pairs), previous)
+        return len(pairs)
 
     def _copy(self, source: Source, partial: str, previous: str | None) -> _Copied:
         argv = self.rsync_argv()
@@ -291,6 +324,42 @@ class SshStore:
         except CommandFailed as exc:
             raise self.failed(f"fetching {stored.id}", exc) from None
         return mail
+
+
+def _files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """Every regular file below ``root``: (relative path, lstat), symlinks not followed."""
+    pending = [""]
+    while pending:
+        rel = pending.pop()
+        with os.scandir(root / rel if rel else root) as entries:
+            for entry in entries:
+                child = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(child)
+                elif entry.is_file(follow_symlinks=False):
+                    yield child, entry.stat(follow_symlinks=False)
+
+
+def renamed_pairs(before: Path, after: Path) -> list[tuple[str, str]]:
+    """(name in ``before``, name in ``after``) for every file of ``after`` that is a hard link
+    to a file of ``before`` but not under the same name there."""
+    linked: dict[tuple[int, int], list[str]] = {}
+    for rel, info in _files(after):
+        if info.st_nlink > 1:
+            linked.setdefault((info.st_dev, info.st_ino), []).append(rel)
+    if not linked:
+        return []
+    earlier: dict[tuple[int, int], list[str]] = {}
+    for rel, info in _files(before):
+        key = (info.st_dev, info.st_ino)
+        if key in linked:
+            earlier.setdefault(key, []).append(rel)
+    pairs = []
+    for key, names in earlier.items():
+        old = set(names)
+        # A name the file had before too is linked by rsync's --link-dest already.
+        pairs += [(min(names), name) for name in linked[key] if name not in old]
+    return sorted(pairs, key=lambda pair: pair[1])
 
 
 @dataclass(frozen=True)
