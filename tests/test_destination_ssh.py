@@ -352,7 +352,7 @@ def test_renamed_and_moved_messages_are_linked_on_the_remote_host_not_sent_again
     seed(source, per_folder=20, size=50_000)
     remote = tmp_path / "remote"
     job = job_of(source, tmp_path / "backups", [ssh_dest(sshd, remote)])
-    first, _ = backup_at(job, START)
+    backup_at(job, START)
     cur = sorted((source / "cur").iterdir())
     for path in cur[:5]:  # flag changes
         path.rename(path.with_name(path.name + "RS" if ":2," in path.name else path.name))
@@ -368,3 +368,32 @@ def test_renamed_and_moved_messages_are_linked_on_the_remote_host_not_sent_again
     renamed = next(p for p in (new / "cur").iterdir() if p.name.endswith("RS"))
     assert renamed.stat().st_nlink >= 2  # the previous remote backup's file
     assert (new / folder.name / "cur" / moved.name).stat().st_nlink >= 2
+
+
+@pytest.mark.offsite
+def test_a_failed_destination_shows_in_exit_code_report_and_metrics(tmp_path: Path) -> None:
+    source = hostile_source(tmp_path / "Maildir")
+    metrics = tmp_path / "mailsnap.prom"
+    config = tmp_path / "mailsnap.toml"
+    config.write_text("\n".join([
+        "[[job]]", 'name = "mail"', f'source = "{source}"', f'target = "{tmp_path / "b"}"',
+        'backend = "live"', f'metrics_file = "{metrics}"',
+        "[[job.destination]]", 'name = "offsite"', 'type = "ssh"',
+        f'target = "ssh://root@127.0.0.1:{free_port()}/srv/mailsnap"',
+        "[[job.destination]]", 'name = "usb"', 'type = "local"',
+        f'target = "{tmp_path / "usb"}"', ""]))
+    result = mailsnap("backup", "--config", config, "--json")
+    assert result.returncode == 1
+    job = json.loads(result.stdout)["jobs"][0]
+    assert job["status"] == "failed" and "destination offsite" in job["error"]
+    assert [(d["name"], d["status"]) for d in job["destinations"]] == [
+        ("offsite", "failed"), ("usb", "ok")]
+    text = metrics.read_text()
+    assert 'mailsnap_destination_last_run_success{destination="offsite",job="mail"} 0.0' in text
+    assert 'mailsnap_destination_last_run_success{destination="usb",job="mail"} 1.0' in text
+    assert 'mailsnap_destination_last_success_timestamp_seconds{destination="usb"' in text
+    assert ('mailsnap_destination_last_success_timestamp_seconds{destination="offsite"'
+            not in text)
+    printed = mailsnap("backup", "--config", config)
+    assert "✗ offsite (ssh root@127.0.0.1:/srv/mailsnap/mail, from local): failed" in \
+        printed.stdout, printed.stdout

@@ -69,6 +69,38 @@ def facts(job: Job, report: RunReport | None,
     }
 
 
+# name, help: per job and destination (labels job, destination)
+DESTINATION_GAUGES = (
+    ("mailsnap_destination_last_success_timestamp_seconds",
+     "Unix time of the end of the newest run that stored a copy at this destination."),
+    ("mailsnap_destination_last_run_success",
+     "1 if the job's last run stored a copy there or none was due (every), 0 if it failed."),
+    ("mailsnap_destination_last_run_seconds",
+     "Seconds the job's last run spent on this destination."),
+    ("mailsnap_destination_last_run_bytes_sent",
+     "Bytes the job's last run sent to this destination (new data)."),
+)
+
+
+def destination_facts(reports: Sequence[RunReport]) -> dict[str, dict[str, float | None]]:
+    """Per destination named in the reports: its gauge values. Read-only."""
+    out: dict[str, dict[str, float | None]] = {}
+    for report in reports:  # oldest first: the last one seen wins
+        for d in report.destinations:
+            facts = out.setdefault(d["name"], {
+                "mailsnap_destination_last_success_timestamp_seconds": None})
+            if d["status"] == "ok":
+                facts["mailsnap_destination_last_success_timestamp_seconds"] = \
+                    report.finished.timestamp()
+            facts["mailsnap_destination_last_run_success"] = 0.0 if d["status"] == "failed" \
+                else 1.0
+            facts["mailsnap_destination_last_run_seconds"] = d.get("seconds")
+            sent = d.get("bytes_sent")
+            facts["mailsnap_destination_last_run_bytes_sent"] = None if sent is None \
+                else float(sent)
+    return out
+
+
 def _copy_fact(report: RunReport, key: str) -> float | None:
     """A number from the Maildir copier's summary (None for rsync, which keeps none)."""
     copied = report.copy_summary
@@ -83,6 +115,8 @@ def write_metrics(path: Path, jobs: Sequence[Job]) -> None:
 
     registry = CollectorRegistry()
     gauges = {name: Gauge(name, text, ["job"], registry=registry) for name, text in GAUGES}
+    per_destination = {name: Gauge(name, text, ["job", "destination"], registry=registry)
+                       for name, text in DESTINATION_GAUGES}
     for job in jobs:
         if job.metrics_file != path:
             continue
@@ -90,6 +124,14 @@ def write_metrics(path: Path, jobs: Sequence[Job]) -> None:
         for name, value in facts(job, reports[-1] if reports else None, reports).items():
             if value is not None:
                 gauges[name].labels(job=job.name).set(value)
+        configured = {d.name for d in job.destination}
+        for destination, values in destination_facts(reports).items():
+            if destination not in configured:
+                continue  # removed from the config since
+            for name, value in values.items():
+                if value is not None:
+                    per_destination[name].labels(job=job.name, destination=destination).set(
+                        value)
     write_to_textfile(str(path), registry)
 
 
