@@ -397,3 +397,7 @@ def test_a_failed_destination_shows_in_exit_code_report_and_metrics(tmp_path: Pa
     printed = mailsnap("backup", "--config", config)
     assert "✗ offsite (ssh root@127.0.0.1:/srv/mailsnap/mail, from local): failed" in \
         printed.stdout, printed.stdout
+    status = mailsnap("status", "--config", config)
+    assert status.returncode == 1
+    assert "destination offsite: no copy stored in the recorded runs" in status.stdout
+    assert "destination usb" not in status.stdout

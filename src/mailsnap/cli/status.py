@@ -15,7 +15,7 @@ its last run report; it changes nothing and takes no lock.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -110,8 +110,33 @@ def assess(job: Job, now: datetime) -> JobStatus:
     if last is not None and last.status in ("failed", "interrupted") and (
             newest is None or last.finished > newest[1]):
         problems.append(f"last run {last.status}: {last.error}")
+    problems += _destination_problems(job, now)
     return JobStatus(job.name, now, job.max_age, newest[0] if newest else None,
                      newest[1] if newest else None, age, last, tuple(problems))
+
+
+def _destination_problems(job: Job, now: datetime) -> list[str]:
+    """A destination whose newest copy (as the run reports recorded it) is older than
+    ``max_age`` plus its ``every``. Reads the state directory only: no network."""
+    if not job.destination:
+        return []
+    from mailsnap.metrics import destination_facts
+    from mailsnap.report import load_reports
+
+    seen = destination_facts(load_reports(job))
+    problems = []
+    for settings in job.destination:
+        stamp = seen.get(settings.name, {}).get(
+            "mailsnap_destination_last_success_timestamp_seconds")
+        allowed = job.max_age + (settings.every or timedelta(0))
+        if stamp is None:
+            problems.append(f"destination {settings.name}: no copy stored in the recorded runs")
+            continue
+        age = now - datetime.fromtimestamp(stamp, UTC)
+        if age > allowed:
+            problems.append(f"destination {settings.name}: newest copy is {ago(age)} old, "
+                            f"older than {ago(allowed)}")
+    return problems
 
 
 def ago(delta: timedelta) -> str:
