@@ -232,6 +232,10 @@ class ResticDestination(DestinationBase):
         "repository's data ('5%', '1/10'; default: all of it).")
     init: bool = Field(default=False, description="Create the repository if it does not "
                        "exist yet (restic init).")
+    prune: bool = Field(
+        default=True, description="Retention runs `restic forget --prune`. false: only "
+        "`restic forget` (no exclusive lock); for a repository several hosts share, where "
+        "one machine runs `restic prune` at a quiet hour.")
 
     @field_validator("password_file", "env_file")
     @classmethod
