@@ -24,8 +24,8 @@ import pytest
 
 from mailsnap.config import DEFAULT_EXCLUDES, Job, ResticDestination, parse_config
 from mailsnap.destinations.base import Source, Stored
-from mailsnap.destinations.restic import (
-    ResticRepository,
+from mailsnap.destinations.restic import ResticRepository
+from mailsnap.destinations.restic_text import (
     file_literal,
     job_exclude,
     literal,
