@@ -192,6 +192,19 @@ def test_a_failed_backup_still_unmounts_and_names_the_destination(tmp_path: Path
     assert argvs(runner)[-1] == ["umount", str(mountpoint)]
 
 
+def test_a_bind_mount_that_cannot_be_made_read_only_is_undone(tmp_path: Path) -> None:
+    job = job_of(tmp_path)
+    mountpoint = job.work_dir / "restic" / "offsite"
+    runner = FakeRunner()
+    mounted_rules(runner, mountpoint)
+    runner.on("mount", "-o", exit_code=32, stderr="mount: permission denied\n")
+    repo = ResticRepository(job, settings_of(), runner)
+    with pytest.raises(DestinationFailed, match=r"cannot bind-mount .* read-only"):
+        repo.send(source_of(tmp_path, clean=True, stable=False))
+    assert [argv[0] for argv in argvs(runner)] == ["findmnt", "mount", "mount", "findmnt",
+                                                   "umount"]
+
+
 def test_an_incomplete_snapshot_is_forgotten_and_fails(tmp_path: Path) -> None:
     runner = FakeRunner()
     runner.on("restic", "-r", REPO, "--password-file", PW, "backup", stdout=SUMMARY,
@@ -724,12 +737,13 @@ def test_a_dated_backup_goes_through_the_stable_bind_mount(tmp_path: Path) -> No
     for rel, data in contents(first_tree).items():  # a published backup is clean
         if data is not None and rel not in keep:
             (first_tree / rel).unlink()
+    host = socket.gethostname()
+    repo.send(source_of(first_tree, clean=True, stable=False, run_id=RUN1, host=host))
+    # The next night: hard links to the first backup (every message's ctime changes).
     second_tree = store / RUN2 / "mail"
     shutil.copytree(first_tree, second_tree, copy_function=os.link)
     changed = change_mail([second_tree / m.relative_to(first_tree) for m in messages],
                           second_tree / "new")
-    host = socket.gethostname()
-    repo.send(source_of(first_tree, clean=True, stable=False, run_id=RUN1, host=host))
     sent = repo.send(source_of(second_tree, clean=True, stable=False, run_id=RUN2, host=host))
     files = sum(1 for data in contents(second_tree).values() if data is not None)
     assert sent.details["files_unmodified"] == files - changed

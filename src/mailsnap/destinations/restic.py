@@ -85,6 +85,7 @@ MAX_DIFFERENCES = 200
 # restic backup: 3 = a snapshot was saved, but some source files could not be read.
 EXIT_INCOMPLETE = 3
 
+
 @contextlib.contextmanager
 def _exclude_file(lines: Sequence[str]) -> Iterator[Path]:
     """A private (0600, ``mkstemp``) exclude file in the system temp directory, removed after:
@@ -179,7 +180,7 @@ class ResticRepository:
     def _failed(self, what: str, detail: str, todo: str) -> DestinationFailed:
         """``destination NAME (restic REPO): what — detail; todo`` on one line."""
         line = f"destination {self.name} ({self.where()}): {what} — {detail}; {todo}"
-        return DestinationFailed(self._scrub(" ".join(line.split())))
+        return DestinationFailed(self._scrub(re.sub(r"\s*[\r\n]+\s*", " ", line)))
 
     def _failure(self, what: str, exc: CommandFailed) -> DestinationFailed:
         """The ``DestinationFailed`` for a failed restic command."""
@@ -256,19 +257,19 @@ class ResticRepository:
                 log.warning("destination %s: %s is still mounted (an interrupted run); "
                             "unmounting it", self.name, mountpoint)
                 unmount(self.runner, mountpoint)
-            self.runner.run(["mount", "--bind", str(tree), str(mountpoint)], mutates=True)
         except MailsnapError as exc:
-            raise self._failed(f"cannot bind-mount {tree} at {mountpoint}", str(exc),
-                               "check that mailsnap runs as root") from None
+            raise self._failed(f"cannot unmount the leftover {mountpoint}", str(exc),
+                               "unmount it by hand") from None
         try:
+            self.runner.run(["mount", "--bind", str(tree), str(mountpoint)], mutates=True)
             # A bind mount takes "ro" only on a remount; until then it is the tree's own.
             self.runner.run(["mount", "-o", "remount,bind,ro,nosuid,nodev,noexec",
                              str(mountpoint)], mutates=True)
         except BaseException as exc:
-            self._unmount_after_error(mountpoint)
-            if isinstance(exc, CommandFailed):
-                raise self._failed(f"cannot make {mountpoint} read-only", str(exc),
-                                   "check that mailsnap runs as root") from None
+            self._unmount_after_error(mountpoint)  # nothing mounted: nothing done
+            if isinstance(exc, MailsnapError):
+                raise self._failed(f"cannot bind-mount {tree} read-only at {mountpoint}",
+                                   str(exc), "check that mailsnap runs as root") from None
             raise
         try:
             yield mountpoint
@@ -294,7 +295,11 @@ class ResticRepository:
         snapshot is not mounted, so there may be nothing to survey."""
         if self.runner.dry_run and not source.tree.is_dir():
             return []
-        found = maildirs.survey(source.tree, source.excludes).maildirs
+        try:
+            found = maildirs.survey(source.tree, source.excludes).maildirs
+        except MailsnapError as exc:
+            raise self._failed(f"cannot list the Maildirs of {source.tree}", str(exc),
+                               "check that the source is mounted and readable") from None
         log.info("destination %s: leaving out the tmp/ content of %d Maildirs", self.name,
                  len(found))
         return [tmp_exclude(str(root), rel) for rel in found]
