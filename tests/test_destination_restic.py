@@ -551,7 +551,7 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 FOLDERS = ("", ".Sent", ".Caf&AOk- Ideen", '.Work "Q4" &- Plans', ".Ünïcödé Ordner",
-           ".it's a \\ & b")
+           ".it's a \\ & b", ".Price $HOME [x]*?")
 PER_FOLDER = 170
 
 
