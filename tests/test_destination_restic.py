@@ -315,6 +315,13 @@ def test_remove_is_one_forget_with_prune(tmp_path: Path) -> None:
     assert runner.calls[0].mutates
 
 
+def test_a_shared_repository_forgets_without_pruning(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    repo = ResticRepository(job_of(tmp_path), settings_of(prune=False), runner)
+    repo.remove([stored("aaaaaaaa")])
+    assert argvs(runner) == [[*BASE, "forget", "aaaaaaaa" + "0" * 56]]
+
+
 @pytest.mark.parametrize("deep,subset,flag", [
     (False, None, []), (True, None, ["--read-data"]),
     (True, "5%", ["--read-data-subset=5%"]), (False, "5%", []),

@@ -35,7 +35,7 @@ HOSTILE = ["Sent Items", "Tom & Jerry", "it's \"quoted\"", "Café", "a*b"]
 def job_of(source: Path, target: Path, destinations: list[dict[str, Any]],
            backend: str = "live", **keys: object) -> Job:
     data = {"name": "mail", "source": str(source), "target": str(target), "backend": backend,
-            "destination": destinations, **keys}
+            "destination": destinations, "run_dir": str(target.parent / "run"), **keys}
     return parse_config({"job": [data]}, origin="test").job[0]
 
 
@@ -239,6 +239,7 @@ def _toml(job: Job, sshd: Sshd, remote: Path) -> str:
     return "\n".join([
         "[[job]]", f'name = "{job.name}"', f'source = "{job.source}"',
         f'target = "{job.target}"', f'backend = "{job.backend}"', 'users = ""',
+        f'run_dir = "{job.work_dir.parent}"',
         "[[job.destination]]", 'name = "offsite"', 'type = "ssh"',
         f'target = "{sshd.url(remote)}"', f'ssh_key = "{sshd.key}"',
         f'known_hosts = "{sshd.known_hosts}"', ""])
@@ -377,7 +378,7 @@ def test_a_failed_destination_shows_in_exit_code_report_and_metrics(tmp_path: Pa
     config = tmp_path / "mailsnap.toml"
     config.write_text("\n".join([
         "[[job]]", 'name = "mail"', f'source = "{source}"', f'target = "{tmp_path / "b"}"',
-        'backend = "live"', f'metrics_file = "{metrics}"',
+        'backend = "live"', f'metrics_file = "{metrics}"', f'run_dir = "{tmp_path / "run"}"',
         "[[job.destination]]", 'name = "offsite"', 'type = "ssh"',
         f'target = "ssh://root@127.0.0.1:{free_port()}/srv/mailsnap"',
         "[[job.destination]]", 'name = "usb"', 'type = "local"',

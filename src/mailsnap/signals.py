@@ -9,9 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 from types import FrameType
+from typing import Any
 
 from mailsnap.errors import Interrupted
 
@@ -80,8 +83,25 @@ def signals_unwind() -> Iterator[SignalGuard]:
     previous = {sig: signal.getsignal(sig) for sig in HANDLED}
     for sig in HANDLED:
         signal.signal(sig, guard._handle)
+    previous_hook = sys.unraisablehook
+
+    def unraisable(info: Any) -> None:
+        # A signal that lands in code whose exceptions Python ignores (logging's fork
+        # handlers while sh forks a command, a __del__) would be lost and the run would go
+        # on. Forget it and send it again a moment later, to a main thread that can unwind.
+        if isinstance(info.exc_value, Interrupted) and guard.received is not None:
+            signum = signal.Signals[guard.received]
+            guard.received = None
+            timer = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+            timer.daemon = True
+            timer.start()
+            return
+        previous_hook(info)
+
+    sys.unraisablehook = unraisable
     try:
         yield guard
     finally:
+        sys.unraisablehook = previous_hook
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -23,6 +23,10 @@ def make_destination(job: Job, settings: Any, runner: Runner) -> Destination:
         from mailsnap.destinations.ssh import SshStore
 
         return SshStore(job, settings, runner)
+    if settings.type == "restic":
+        from mailsnap.destinations.restic import ResticRepository
+
+        return ResticRepository(job, settings, runner)
     if settings.type == "local":
         from mailsnap.destinations.local import LocalStore
 

@@ -391,8 +391,10 @@ class ResticRepository:
         restic's, so a repeat after a crash is fine. Dry run: printed, not run."""
         if not stored:
             return
-        self._restic("forget and prune", ["forget", *(_full_id(s) for s in stored), "--prune"],
-                     mutates=True)
+        # prune = false: forget only, no exclusive lock on a repository other hosts share.
+        prune = ["--prune"] if self.settings.prune else []
+        self._restic("forget and prune" if prune else "forget",
+                     ["forget", *(_full_id(s) for s in stored), *prune], mutates=True)
 
     # -- verify ----------------------------------------------------------------------------
 

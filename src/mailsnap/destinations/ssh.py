@@ -177,9 +177,9 @@ class SshStore:
             raise DestinationFailed(f"destination {self.name}: {self.root}/{source.run_id} "
                                     "already exists; refusing to overwrite a backup")
         partial = f"{self.root}/{source.run_id}{PARTIAL_SUFFIX}"
-        self.run_remote(["mkdir", "-m", "0700", "--", partial], mutates=True,
-                        what="creating the backup directory")
-        try:
+        try:  # from the mkdir on: interrupted while it runs, the directory may exist
+            self.run_remote(["mkdir", "-m", "0700", "--", partial], mutates=True,
+                            what="creating the backup directory")
             if published:
                 self._link_renamed(source, partial, published[-1])
             stats = self._copy(source, partial, published[-1] if published else None)
