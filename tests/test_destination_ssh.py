@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import json
 import os
 from pathlib import Path
+import re
 import subprocess
 import sys
 from typing import Any
@@ -118,10 +119,16 @@ def test_ssh_commands_are_argv_lists_and_host_keys_are_checked(tmp_path: Path) -
     store = SshStore(job, job.destination[0], Runner())  # type: ignore[arg-type]
     assert store.ssh_argv() == ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
                                 "-p", "2222", "-i", "/etc/mailsnap/id ed25519",
-                                "-o", "IdentitiesOnly=yes"]
+                                "-o", "IdentitiesOnly=yes"]  # no work dir yet: no master
+    job.work_dir.mkdir(parents=True)
+    options = store.ssh_argv()[11:]
+    assert options[:2] == ["-o", "ControlMaster=auto"]
+    assert re.fullmatch(rf"ControlPath={re.escape(str(job.work_dir))}/ssh-[0-9a-f]{{12}}",
+                        options[3])
+    assert options[4:] == ["-o", "ControlPersist=30"]
     rsync = store.rsync_argv()
     assert rsync[:5] == ["rsync", "-aHAX", "--numeric-ids", "-s", "--stats"]
-    assert rsync[6].endswith("-i '/etc/mailsnap/id ed25519' -o IdentitiesOnly=yes")
+    assert "-i '/etc/mailsnap/id ed25519' -o IdentitiesOnly=yes" in rsync[6]
     assert store.where() == "backup@host:/srv/mail snap/mail"
 
 

@@ -79,6 +79,9 @@ class Destination(Protocol):
     def verify(self, stored: Stored, *, deep: bool) -> list[str]:
         """One line per problem found in ``stored``; none means intact."""
 
+    def close(self) -> None:
+        """Let go of what the calls above kept open (an SSH master connection)."""
+
     def fetch(self, stored: Stored, subdir: str, into: Path) -> Path:
         """Copy ``subdir`` (relative to the backup's mail tree, "" for all) of ``stored`` into
         ``into`` (an empty private directory) and return the local path of the backup's mail

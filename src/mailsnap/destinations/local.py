@@ -37,6 +37,9 @@ class LocalStore:
         target = settings.target if settings else job.target
         self.store = BackupStore(target / job.name, dry_run=runner.dry_run)
 
+    def close(self) -> None:
+        pass  # nothing held between calls
+
     def where(self) -> str:
         return str(self.store.root)
 

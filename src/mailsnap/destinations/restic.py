@@ -116,6 +116,9 @@ class ResticRepository:
         self._environment: dict[str, str] | None = None
         self._secrets: list[str] = []
 
+    def close(self) -> None:
+        pass  # nothing held between calls
+
     def where(self) -> str:
         return f"{RESTIC} {redact(self.settings.repository)}"
 

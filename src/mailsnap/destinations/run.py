@@ -118,6 +118,7 @@ def send_one(job: Job, settings: Any, destination: Destination, source: Source,
         result.status, result.error = "failed", f"destination {settings.name}: {exc}"
         log.error("destination %s: %s", settings.name, exc)
     finally:
+        destination.close()
         result.seconds = time.monotonic() - started
     return result
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 import contextlib
 from dataclasses import dataclass
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -95,6 +96,14 @@ class SshStore:
         self.remote = Remote.parse(settings.target)
         self.root = f"{self.remote.path}/{job.name}"
 
+    def close(self) -> None:
+        """Stop the SSH master connection now rather than when it times out."""
+        options = self._multiplexing()
+        if options:
+            with contextlib.suppress(MailsnapError):
+                self.runner.run(["ssh", *options, "-O", "exit", self.remote.login],
+                                mutates=False, timeout=30, ok_codes=(0, 255))
+
     def where(self) -> str:
         return f"{self.remote.login}:{self.root}"
 
@@ -109,7 +118,22 @@ class SshStore:
             argv += ["-i", str(self.settings.ssh_key), "-o", "IdentitiesOnly=yes"]
         if self.settings.known_hosts:
             argv += ["-o", f"UserKnownHostsFile={self.settings.known_hosts}"]
-        return argv + list(self.settings.ssh_options)
+        return argv + list(self.settings.ssh_options) + self._multiplexing()
+
+    def _multiplexing(self) -> list[str]:
+        """One SSH connection for the whole send: a send makes about ten (list, mkdir, rsync,
+        manifest, publish, prune …), and a handshake each cost 3 s of a 4 s no-change night
+        on loopback. The master stays 30 s after its last use and then exits by itself. Its
+        socket is in the job's private work directory; an ssh_options ControlMaster or
+        ControlPath given by the admin comes first and wins. Unix sockets have a short path
+        limit: a work directory too deep for one goes without."""
+        peer = f"{self.remote.login}:{self.remote.port or 22}".encode()
+        path = self.job.work_dir / f"ssh-{hashlib.sha256(peer).hexdigest()[:12]}"
+        # ssh binds "<path>.<16 random characters>" first; sun_path holds 107 bytes.
+        if len(os.fsencode(path)) + 17 > 107 or not self.job.work_dir.is_dir():
+            return []
+        return ["-o", "ControlMaster=auto", "-o", f"ControlPath={path}",
+                "-o", "ControlPersist=30"]
 
     def rsync_argv(self) -> list[str]:
         argv = ["rsync", "-aHAX", "--numeric-ids", "-s", "--stats", "-e",
@@ -144,11 +168,14 @@ class SshStore:
 
     # -- the store -------------------------------------------------------------------------
 
-    def _names(self) -> list[str]:
+    def _names(self, *, create: bool = False) -> list[str]:
+        """The directory names in the store (``create``: make the store first; one round
+        trip either way)."""
+        make = 'mkdir -p -m 0700 -- "$1" || exit 1; ' if create else ""
         raw = self.run_remote(
-            ["sh", "-c", 'if [ -d "$1" ]; then find "$1" -mindepth 1 -maxdepth 1 -type d '
-             '-printf "%f\\0"; fi', "sh", self.root],
-            mutates=False, what="listing the backups")
+            ["sh", "-c", make + 'if [ -d "$1" ]; then find "$1" -mindepth 1 -maxdepth 1 '
+             '-type d -printf "%f\\0"; fi', "sh", self.root],
+            mutates=create, what="listing the backups")
         return sorted(os.fsdecode(n) for n in raw.split(b"\0") if n)
 
     def backups(self) -> list[Stored]:
@@ -168,9 +195,7 @@ class SshStore:
                             mutates=True, what="removing leftovers")
 
     def send(self, source: Source) -> Sent:
-        self.run_remote(["mkdir", "-p", "-m", "0700", "--", self.root], mutates=True,
-                        what="creating the store")
-        names = self._names()
+        names = self._names(create=True)
         self._sweep(names)
         published = [n for n in names if re.fullmatch(RUN_ID_RE, n)]
         if source.run_id in published:
@@ -228,9 +253,13 @@ class SshStore:
 
     def _copy(self, source: Source, partial: str, previous: str | None) -> _Copied:
         argv = self.rsync_argv()
+        # The published local backup whole (mail/, mailsnap.json, manifest) in one transfer;
+        # from a snapshot, its tree into mail/ and the two files after it.
+        whole = source.local is not None and source.tree == source.local / CONTENT
         if previous is not None:
-            # Relative to the receiving directory, <id>.partial/mail.
-            argv.append(f"--link-dest=../../{previous}/{CONTENT}")
+            # Relative to the receiving directory: <id>.partial, or <id>.partial/mail.
+            argv.append(f"--link-dest=../{previous}" if whole
+                        else f"--link-dest=../../{previous}/{CONTENT}")
         with contextlib.ExitStack() as stack:
             if not source.clean:
                 rules = [tmp_rule(rel) for rel in survey(source.tree, source.excludes).maildirs]
@@ -238,14 +267,15 @@ class SshStore:
                     argv += ["--from0",
                              f"--exclude-from={stack.enter_context(_rules_file(rules))}"]
                 argv += [f"--exclude={pattern}" for pattern in source.excludes]
-            argv += [f"{source.tree}/", f"{self.remote.spec}:{partial}/{CONTENT}/"]
+            argv += ([f"{source.local}/", f"{self.remote.spec}:{partial}/"] if whole else
+                     [f"{source.tree}/", f"{self.remote.spec}:{partial}/{CONTENT}/"])
             try:
                 result = self.runner.run(argv, mutates=True, timeout=self.settings.timeout)
             except CommandFailed as exc:
                 raise self.failed("copying", exc) from None
         stats = parse_stats(result.stdout)
         sent = re.search(r"^Literal data:\s*([\d,]+)", result.stdout, re.MULTILINE)
-        if source.local is not None:
+        if source.local is not None and not whole:
             meta = [str(source.local / name) for name in (MANIFEST, MANIFEST_FILE)
                     if (source.local / name).exists()]
             if meta:
