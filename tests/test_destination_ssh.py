@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 import re
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -162,7 +163,7 @@ def test_ssh_and_second_disk_get_every_backup_and_keep_their_own_history(
     third, results = backup_at(job, START + timedelta(days=2))
     assert results[0]["pruned"] == [first]
     assert sorted(p.name for p in (remote / "mail").iterdir()) == sorted(
-        [second, third, "latest"])
+        [second, third, "latest", ".owner"])
     # No keep_* keys there: the second disk keeps all three.
     assert [b.run_id for b in BackupStore(disk / "mail").backups()] == [first, second, third]
     # Unchanged messages are hard links to the previous remote backup.
@@ -298,7 +299,7 @@ def test_every_sends_only_when_the_copy_there_is_old_enough(sshd: Sshd,
         statuses.append(results[0]["status"])
     # Day 7 fires 7 minutes early and still counts (10% slack).
     assert statuses == ["ok"] + ["skipped"] * 6 + ["ok"]
-    assert len([p for p in (remote / "mail").iterdir() if p.name != "latest"]) == 2
+    assert len([p for p in (remote / "mail").iterdir() if p.name[0].isdigit()]) == 2
 
 
 @pytest.mark.offsite
@@ -340,7 +341,7 @@ def test_a_full_remote_disk_fails_that_destination_and_leaves_nothing_half_made(
             run_backup(job, Runner(), clock=lambda: START)
         assert "the remote file system is full" in str(caught.value)
         assert "was published" in str(caught.value)
-        assert [p.name for p in (remote / "mail").iterdir()] == []  # the partial is gone
+        assert [p.name for p in (remote / "mail").iterdir()] == [".owner"]  # no partial
     finally:
         subprocess.run(["umount", str(remote)], check=True)
 
@@ -409,3 +410,19 @@ def test_a_failed_destination_shows_in_exit_code_report_and_metrics(tmp_path: Pa
     assert status.returncode == 1
     assert "destination offsite: no copy stored in the recorded runs" in status.stdout
     assert "destination usb" not in status.stdout
+
+
+@pytest.mark.offsite
+def test_a_store_belongs_to_the_host_that_made_it(sshd: Sshd, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    source = hostile_source(tmp_path / "Maildir")
+    remote = tmp_path / "remote"
+    job = job_of(source, tmp_path / "backups", [ssh_dest(sshd, remote)])
+    backup_at(job, START)
+    assert (remote / "mail/.owner").read_text().strip() == socket.gethostname()
+    monkeypatch.setattr(socket, "gethostname", lambda: "mx2.example.org")
+    with recording() as recorder, pytest.raises(DestinationFailed):
+        run_backup(job, Runner(), clock=lambda: START + timedelta(days=1))
+    error = recorder.destinations[0]["error"]
+    assert "belongs to host" in error and "not 'mx2.example.org'" in error
+    assert len([p for p in (remote / "mail").iterdir() if p.name[0].isdigit()]) == 1

@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 import re
 import shlex
+import socket
 import tempfile
 from typing import ClassVar
 
@@ -95,6 +96,7 @@ class SshStore:
         self.runner = runner
         self.remote = Remote.parse(settings.target)
         self.root = f"{self.remote.path}/{job.name}"
+        self.host = socket.gethostname()
 
     def close(self) -> None:
         """Stop the SSH master connection now rather than when it times out."""
@@ -170,13 +172,23 @@ class SshStore:
 
     def _names(self, *, create: bool = False) -> list[str]:
         """The directory names in the store (``create``: make the store first; one round
-        trip either way)."""
-        make = 'mkdir -p -m 0700 -- "$1" || exit 1; ' if create else ""
+        trip either way). The store belongs to one host: the first send writes this host's
+        name into ``.owner`` there, and every later call checks it, so two hosts given the
+        same path by mistake never sweep or prune each other's backups."""
+        make = ('mkdir -p -m 0700 -- "$1" || exit 1; [ -e "$1/.owner" ] || printf "%s\\n" '
+                '"$2" > "$1/.owner"; ') if create else ""
         raw = self.run_remote(
-            ["sh", "-c", make + 'if [ -d "$1" ]; then find "$1" -mindepth 1 -maxdepth 1 '
-             '-type d -printf "%f\\0"; fi', "sh", self.root],
+            ["sh", "-c", make + 'if [ -d "$1" ]; then cat -- "$1/.owner" 2>/dev/null || '
+             'echo; find "$1" -mindepth 1 -maxdepth 1 -type d -printf "%f\\0"; else echo; '
+             'fi', "sh", self.root, self.host],
             mutates=create, what="listing the backups")
-        return sorted(os.fsdecode(n) for n in raw.split(b"\0") if n)
+        owner, _, names = raw.partition(b"\n")
+        if owner and os.fsdecode(owner) != self.host:
+            raise DestinationFailed(
+                f"destination {self.name} ({self.where()}) belongs to host "
+                f"{os.fsdecode(owner)!r}, not {self.host!r}: give each host its own path (if "
+                f"this host was renamed, put its new name into {self.root}/.owner there)")
+        return sorted(os.fsdecode(n) for n in names.split(b"\0") if n)
 
     def backups(self) -> list[Stored]:
         return [Stored(name, backup_time(name), name) for name in self._names()
