@@ -9,7 +9,10 @@ Needs root, btrfs-progs, rsync, restic and openssh-server. The store is seeded o
 volume by ``bench_incremental.py``'s seeder (same users, folders, sizes, Dovecot files); one
 ``btrfs`` job backs it up with two destinations: a local restic repository (``from =
 "snapshot"``) and an SSH store on 127.0.0.1 through a private sshd (``from = "local"``). In the
-same run and on the same snapshots' content, the baselines: a bare ``restic backup`` of a
+same run, a second restic repository fed from the published local backup (``from = "local"``,
+whose device number stays the same from night to night, unlike a new snapshot's: restic 0.14
+stores each file's device id in its directory's metadata). And on the same snapshots' content,
+the baselines: a bare ``restic backup`` of a
 fresh snapshot mounted at a stable path into its own repository, and a bare
 ``rsync -aHAX --link-dest`` over the same ssh into its own directory. Reported per night and
 destination: seconds (mailsnap's figure is that destination's own stage, from the run report),
@@ -124,7 +127,8 @@ def main() -> int:
         os.sync()
         log(f"seeded: {store.messages()} messages, {store.bytes / 1e6:.1f} MB")
         repo, bare_repo = work / "restic", work / "restic-bare"
-        for r in (repo, bare_repo):
+        repo_local = work / "restic-local"
+        for r in (repo, bare_repo, repo_local):
             subprocess.run(["restic", "-r", str(r), "init"], check=True, capture_output=True,
                            env=restic_env())
         (work / "password").write_text(PASSWORD + "\n")
@@ -138,6 +142,9 @@ def main() -> int:
             "[[job.destination]]", 'name = "restic"', 'type = "restic"',
             f'repository = "{repo}"', f'password_file = "{work / "password"}"',
             'from = "snapshot"',
+            "[[job.destination]]", 'name = "restic-local"', 'type = "restic"',
+            f'repository = "{repo_local}"', f'password_file = "{work / "password"}"',
+            'from = "local"',
             "[[job.destination]]", 'name = "ssh"', 'type = "ssh"',
             f'target = "{sshd.url(remote)}"', f'ssh_key = "{sshd.key}"',
             f'known_hosts = "{sshd.known_hosts}"', 'ssh_options = ["-F", "/dev/null"]',
@@ -157,7 +164,8 @@ def main() -> int:
                 change = apply_newmail(store, rng)
             os.sync()
             log(f"{night}: {change}")
-            sizes = {"restic": du(repo), "ssh": du(remote) if remote.exists() else 0,
+            sizes = {"restic": du(repo), "restic-local": du(repo_local),
+                     "ssh": du(remote) if remote.exists() else 0,
                      "bare-restic": du(bare_repo), "bare-rsync": du(bare_remote)}
             started = time.perf_counter()
             out = subprocess.run([sys.executable, "-m", "mailsnap", "backup", "--config",
@@ -176,8 +184,8 @@ def main() -> int:
                              "files_changed": details.get("files_changed"),
                              "files_unmodified": details.get("files_unmodified"),
                              "bytes_sent": d["bytes_sent"],
-                             "grew": du(repo if d["name"] == "restic" else remote)
-                             - sizes[d["name"]]})
+                             "grew": du({"restic": repo, "restic-local": repo_local}.get(
+                                 d["name"], remote)) - sizes[d["name"]]})
             snap = snapdir / night
             subprocess.run(["btrfs", "subvolume", "snapshot", "-r", str(src.mail), str(snap)],
                            check=True, capture_output=True)
