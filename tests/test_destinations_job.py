@@ -70,6 +70,9 @@ def test_a_job_with_ssh_and_restic_destinations_backs_up_prunes_verifies_and_res
         # The snapshot was released before the SSH upload (from = "local") started.
         offsite = run["destinations"][1]
         assert run["snapshot_seconds"] < run["seconds"] - offsite["seconds"] + 0.5
+        assert offsite["snapshot_held_seconds"] == 0.0
+        assert run["destinations"][0]["snapshot_held_seconds"] == run["destinations"][0][
+            "seconds"] > 0
     # restic read only what changed: the renamed and the new message.
     second = runs[1]["destinations"][0]["details"]
     assert second["files_new"] + second["files_changed"] <= 3, second

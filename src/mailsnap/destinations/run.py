@@ -52,7 +52,12 @@ class DestinationResult:
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.kind, "where": self.where,
                 "from": self.read_from, "status": self.status, "id": self.id,
-                "seconds": round(self.seconds, 3), "files": self.files,
+                "seconds": round(self.seconds, 3),
+                # How long this destination kept the snapshot: all of its time when it read
+                # the snapshot, none when it read the published backup.
+                "snapshot_held_seconds": round(self.seconds, 3)
+                if self.read_from == "snapshot" else 0.0,
+                "files": self.files,
                 "bytes_sent": self.bytes_sent, "pruned": self.pruned, "error": self.error,
                 "details": self.details}
 
