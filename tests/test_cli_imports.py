@@ -85,6 +85,27 @@ def test_a_backup_without_a_terminal_loads_neither_rich_nor_alerting_libraries(
     assert (tmp_path / "backups" / "mail").is_dir()  # it ran
     assert "mailsnap.pipeline" in modules
     assert among(modules, ("rich", "apprise", "prometheus_client", "urllib.request")) == []
+    # A live backup loads its own backend and walk, not the snapshot backends, the snapshot
+    # walk or the rsync copier.
+    assert "mailsnap.backends.live" in modules and "mailsnap.copiers.live" in modules
+    assert among(modules, ("mailsnap.backends.btrfs", "mailsnap.backends.lvm",
+                           "mailsnap.backends.zfs", "mailsnap.copiers.frozen",
+                           "mailsnap.copiers.rsync")) == []
+
+
+def test_a_backend_or_copier_module_is_imported_when_first_used() -> None:
+    lazy = ("mailsnap.backends.btrfs", "mailsnap.backends.live", "mailsnap.backends.lvm",
+            "mailsnap.backends.zfs", "mailsnap.copiers.frozen", "mailsnap.copiers.live",
+            "mailsnap.copiers.maildir", "mailsnap.copiers.rsync")
+    imported = "from mailsnap import backends, copiers"
+    assert among(loaded_after(imported), lazy) == []
+    used = loaded_after(imported + "\n"
+                        "assert backends.BACKENDS['lvm'].__name__ == 'LvmBackend'\n"
+                        "assert copiers.RsyncCopier.__name__ == 'RsyncCopier'\n"
+                        "from mailsnap.copiers import maildir\n"
+                        "assert maildir.vanished_is_abnormal(0, 1) is False")
+    assert among(used, lazy) == ["mailsnap.backends.lvm", "mailsnap.copiers.live",
+                                 "mailsnap.copiers.maildir", "mailsnap.copiers.rsync"]
 
 
 def test_backend_names_are_the_job_models_tags() -> None:

@@ -7,12 +7,15 @@ one ``Copier`` Protocol. The pipeline asks ``make_copier`` and never knows which
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from mailsnap.copiers.base import Copier, CopyStats, Previous
-from mailsnap.copiers.maildir import MaildirCopier
-from mailsnap.copiers.rsync import RsyncCopier
 from mailsnap.errors import ConfigError
 from mailsnap.runner import Runner
+
+if TYPE_CHECKING:
+    from mailsnap.copiers.maildir import MaildirCopier
+    from mailsnap.copiers.rsync import RsyncCopier
 
 __all__ = ["Copier", "CopyStats", "MaildirCopier", "Previous", "RsyncCopier", "make_copier"]
 
@@ -28,6 +31,23 @@ def make_copier(
             raise ConfigError("copier = 'rsync' needs a snapshot, and this job copies the live "
                               "tree (backend live, or auto on a plain directory): use copier "
                               "'maildir'")
+        from mailsnap.copiers.rsync import RsyncCopier  # only the job that uses it loads it
+
         return RsyncCopier(runner, progress=progress)
+    from mailsnap.copiers.maildir import MaildirCopier
+
     return MaildirCopier(runner, frozen=point_in_time, max_passes=max_passes,
                          progress=progress)
+
+
+def __getattr__(name: str) -> Any:
+    # The copier classes are imported when first asked for (start-up time, issue #9).
+    if name == "MaildirCopier":
+        from mailsnap.copiers.maildir import MaildirCopier
+
+        return MaildirCopier
+    if name == "RsyncCopier":
+        from mailsnap.copiers.rsync import RsyncCopier
+
+        return RsyncCopier
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,15 +15,16 @@ from collections.abc import Callable, Sequence
 import contextlib
 import logging
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mailsnap.copiers.base import CopyStats, Previous
 from mailsnap.copiers.excludes import ExcludeMatcher
 from mailsnap.copiers.files import base_name
-from mailsnap.copiers.frozen import FrozenCopy
-from mailsnap.copiers.live import LiveCopy, vanished_is_abnormal
 from mailsnap.manifest import ManifestWriter, PreviousManifest
 from mailsnap.runner import Runner
+
+if TYPE_CHECKING:
+    from mailsnap.copiers.live import vanished_is_abnormal
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,12 @@ class MaildirCopier:
                 stack.callback(writer.abort)
             linked_to = previous.content if earlier is not None and previous else None
             matcher = ExcludeMatcher(excludes)
+            # Each walk is imported by the run that uses it: a snapshot's backup never loads
+            # the live copier, nor a live one the snapshot copier (start-up time, issue #9).
+            if self.frozen:
+                from mailsnap.copiers.frozen import FrozenCopy
+            else:
+                from mailsnap.copiers.live import LiveCopy
             stats = (
                 FrozenCopy(source, dest, previous=linked_to, previous_manifest=earlier,
                            manifest=writer, excludes=matcher, dry_run=dry_run, watch=watch,
@@ -122,6 +129,15 @@ class MaildirCopier:
             earlier.close()
             return None
         return earlier
+
+
+def __getattr__(name: str) -> Any:
+    # ``vanished_is_abnormal`` lives with the live copier, which is imported only when used.
+    if name == "vanished_is_abnormal":
+        from mailsnap.copiers.live import vanished_is_abnormal
+
+        return vanished_is_abnormal
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["MaildirCopier", "base_name", "vanished_is_abnormal"]
