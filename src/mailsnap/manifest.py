@@ -54,6 +54,12 @@ LINKED = "linked"
 HARDLINK = "hardlink"
 REFLINKED = "reflinked"
 
+# Records handed to the compressor per write, and characters per read of a previous manifest:
+# large enough that the per-call cost is noise, small enough that no buffer of a whole mailbox
+# adds to the peak memory of a run.
+WRITE_LINES = 1024
+READ_CHARS = 1 << 16
+
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n"}
 _NEEDS_ESCAPE = re.compile(r"[\\\t\n]")
 _UNESCAPE = re.compile(r"\\(.)")
@@ -139,7 +145,11 @@ class ManifestWriter:
     def _frame(self, lines: list[str]) -> None:
         import zstandard
 
-        self._zstd.write("".join(lines).encode("utf-8", "surrogateescape"))
+        # Handed to zstd a slice at a time: a mailbox's records are never one string (and its
+        # encoded copy) in memory at once. The frame and its bytes are the same either way.
+        for start in range(0, len(lines), WRITE_LINES):
+            self._zstd.write("".join(lines[start:start + WRITE_LINES]).encode(
+                "utf-8", "surrogateescape"))
         self._zstd.flush(zstandard.FLUSH_FRAME)
 
     def section(self, key: str, lines: list[str]) -> None:
@@ -190,8 +200,8 @@ def _check_whole(path: Path) -> None:
     tail = b""
     with path.open("rb") as raw:
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        while chunk := reader.read(1 << 20):
-            tail = (tail + chunk)[-64:]
+        while chunk := reader.read(READ_CHARS):
+            tail = (tail + chunk[-64:])[-64:]
     if not re.search(rb"(^|\n)E\t\d+\n$", tail):
         raise ValueError("truncated: no end line")
 
@@ -255,7 +265,7 @@ class PreviousManifest:
         """Record lines without their newline. Read in large chunks and split in C: this is
         the whole cost of reading a 200,000-record manifest, so no per-line reads."""
         pending = ""
-        while chunk := self._text.read(1 << 20):
+        while chunk := self._text.read(READ_CHARS):
             lines = (pending + chunk).split("\n")
             pending = lines.pop()
             yield from lines
