@@ -31,10 +31,11 @@ of its records is used, and a truncated manifest lacks its ``E`` line.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 import contextlib
 from dataclasses import dataclass, field
 import io
+import itertools
 import os
 from pathlib import Path
 import re
@@ -142,20 +143,24 @@ class ManifestWriter:
         self.records = 0
         self._frame([f"{MAGIC}\t{VERSION}\n"])
 
-    def _frame(self, lines: list[str]) -> None:
+    def _frame(self, lines: Iterable[str]) -> int:
+        """Write ``lines`` as one zstd frame; returns how many there were."""
         import zstandard
 
         # Handed to zstd a slice at a time: a mailbox's records are never one string (and its
         # encoded copy) in memory at once. The frame and its bytes are the same either way.
-        for start in range(0, len(lines), WRITE_LINES):
-            self._zstd.write("".join(lines[start:start + WRITE_LINES]).encode(
-                "utf-8", "surrogateescape"))
+        count = 0
+        it = iter(lines)
+        while batch := list(itertools.islice(it, WRITE_LINES)):
+            count += len(batch)
+            self._zstd.write("".join(batch).encode("utf-8", "surrogateescape"))
         self._zstd.flush(zstandard.FLUSH_FRAME)
+        return count
 
-    def section(self, key: str, lines: list[str]) -> None:
-        """One section: ``lines`` are complete ``D``/``F``/``L`` records (newline included)."""
-        self.records += len(lines)
-        self._frame([f"S\t{escape(key)}\n", *lines])
+    def section(self, key: str, lines: Iterable[str]) -> None:
+        """One section: ``lines`` are complete ``D``/``F``/``L`` records (newline included),
+        a list or made as they are written."""
+        self.records += self._frame(itertools.chain((f"S\t{escape(key)}\n",), lines)) - 1
 
     def close(self) -> None:
         self._frame([f"E\t{self.records}\n"])
@@ -180,16 +185,26 @@ class Section:
     key: str
     files: dict[str, str] = field(default_factory=dict)  # path → file_tail
     directories: dict[str, str] = field(default_factory=dict)  # path → rest of the D record
-    _by_base: dict[str, list[str]] | None = None
+    # base name → its path, or its paths when there are several (rare: a list for every
+    # message would double the index's memory).
+    _by_base: dict[str, str | list[str]] | None = None
 
     def by_base(self, base: str) -> list[str]:
         if self._by_base is None:
-            index: dict[str, list[str]] = {}
+            index: dict[str, str | list[str]] = {}
             for path in self.files:
-                name = path.rsplit("/", 1)[-1]
-                index.setdefault(name.split(":", 1)[0], []).append(path)
+                key = path[path.rfind("/") + 1:].split(":", 1)[0]
+                seen = index.setdefault(key, path)
+                if seen is not path:
+                    if isinstance(seen, str):
+                        index[key] = [seen, path]
+                    else:
+                        seen.append(path)
             self._by_base = index
-        return self._by_base.get(base, [])
+        found = self._by_base.get(base)
+        if found is None:
+            return []
+        return [found] if isinstance(found, str) else found
 
 
 def _check_whole(path: Path) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -100,6 +101,11 @@ class FullListing:
 class _Result:
     """What one task did; merged into the section and the stats by the calling thread."""
 
+    # Messages linked by name on the fast path: their paths and record tails (the tail is the
+    # previous record's own string), made into ``F`` lines only as the section is written.
+    # Ahead of ``lines`` in the manifest, as if they had been appended there first.
+    fast_paths: list[str] = field(default_factory=list)
+    fast_tails: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     deferred: list[tuple[str, str, os.stat_result]] = field(default_factory=list)
     files: int = 0
@@ -111,6 +117,12 @@ class _Result:
     bytes_linked: int = 0
     renames: int = 0
     reflinked: int = 0
+
+    def records(self) -> Iterator[str]:
+        """The manifest lines of this task, in the order it made them."""
+        for rel, tail in zip(self.fast_paths, self.fast_tails, strict=True):
+            yield f"F\t{escape(rel)}\t{LINKED}\t{tail}\n"
+        yield from self.lines
 
     def link(self, rel: str, tail: str, size: int, *, renamed: bool) -> None:
         self.lines.append(f"F\t{escape(rel)}\t{LINKED}\t{tail}\n")
@@ -284,10 +296,8 @@ class FrozenCopy:
             for rel, sub_rel, info in result.deferred:
                 self._hard_link_or_copy(rel, sub_rel, info, late, section)
         results.append(late)
-        lines: list[str] = []
         summary = self.stats.summary
         for result in results:
-            lines += result.lines
             self.stats.files += result.files
             self.stats.bytes += result.bytes
             self.stats.messages = (self.stats.messages or 0) + result.messages
@@ -298,8 +308,9 @@ class FrozenCopy:
             summary.renames += result.renames
             summary.reflinked += result.reflinked
         self.stats.linked = summary.linked + summary.hardlinked
-        if self.manifest is not None and lines:
-            self.manifest.section(section.key, lines)
+        if self.manifest is not None and any(r.lines or r.fast_paths for r in results):
+            self.manifest.section(section.key,
+                                  itertools.chain.from_iterable(r.records() for r in results))
         self._report(force=True)
 
     def _drain(self, section: _Section) -> None:
@@ -357,7 +368,7 @@ class FrozenCopy:
         names = self.excludes.names
         link = os.link
         inodes = section.inodes
-        lines = result.lines
+        fast_paths, fast_tails = result.fast_paths, result.fast_tails
         linked = linked_bytes = 0
         for entry in chunk:
             name = entry.name
@@ -383,7 +394,8 @@ class FrozenCopy:
                 except FileNotFoundError:
                     slow.append(entry)  # gone from the previous backup: copy it
                     continue
-            lines.append(f"F\t{escape(child)}\t{LINKED}\t{tail}\n")
+            fast_paths.append(child)
+            fast_tails.append(tail)
             inodes[entry.inode()] = (child, tail)
             linked += 1
             linked_bytes += int(size_text)
