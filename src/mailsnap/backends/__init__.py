@@ -16,7 +16,6 @@ import os
 
 from mailsnap.backends.base import SnapshotBackend
 from mailsnap.config import AutoJob, BtrfsJob, Job, JobBase, job_as
-from mailsnap.mounts import find_mount
 from mailsnap.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -64,6 +63,10 @@ def _auto(job: AutoJob, runner: Runner) -> SnapshotBackend:
     """
     if not job.source.is_dir():
         return BACKENDS["live"](runner, job)  # discover() explains what is wrong with the path
+    # Imported here: mounts -> procs -> backends.base would otherwise import this package
+    # half-way through procs (``from mailsnap import procs`` first failed).
+    from mailsnap.mounts import find_mount
+
     mount = find_mount(runner, job.source)
     fstype = mount.fstype
     if fstype == "btrfs":
