@@ -19,6 +19,21 @@ CHUNK = 1 << 20
 IS_ROOT = os.geteuid() == 0
 
 
+def _umask() -> int | None:
+    """This process's umask, read without changing it (Linux 4.7+), or None."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+UMASK = _umask()
+
+
 def base_name(filename: str) -> str:
     """``1700000000.M1P2.host,S=123:2,RS`` → ``1700000000.M1P2.host,S=123``."""
     return filename.split(INFO_SEPARATOR, 1)[0]
@@ -87,8 +102,12 @@ def copy_open_file(fd: int, info: os.stat_result, target: str,
     copied. Not fsync'ed: the store syncs the whole target file system once before
     publishing."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    mode = stat.S_IMODE(info.st_mode)
+    # Created with its mode when the umask keeps it whole (a message's 0600 always): then no
+    # fchmod. A set-id or sticky bit still gets one, after the chown (which clears set-id).
+    created_whole = UMASK is not None and not mode & 0o7000 and not mode & UMASK
     try:
-        out = os.open(target, flags, 0o600)
+        out = os.open(target, flags, mode if created_whole else 0o600)
     except OSError as exc:
         raise CopyFailed(f"cannot write {target}: {exc.strerror}") from None
     digest = hashlib.sha256()
@@ -109,7 +128,8 @@ def copy_open_file(fd: int, info: os.stat_result, target: str,
                 break
         if IS_ROOT:
             os.fchown(out, info.st_uid, info.st_gid)
-        os.fchmod(out, stat.S_IMODE(info.st_mode))
+        if not created_whole:
+            os.fchmod(out, mode)
         os.utime(out, ns=(info.st_atime_ns, info.st_mtime_ns))
     except OSError as exc:
         raise CopyFailed(f"cannot write {target}: {exc.strerror}") from None

@@ -440,7 +440,8 @@ class FrozenCopy:
             result.messages -= 1  # counted when settled
             result.deferred.append((child, rel, info))
             return
-        self._copy_message(child, f"{src_dir}/{name}", f"{dst_dir}/{name}", result, section)
+        self._copy_message(child, f"{src_dir}/{name}", f"{dst_dir}/{name}", result, section,
+                           info)
 
     def _remember(self, section: _Section, info: os.stat_result, child: str,
                   tail: str) -> None:
@@ -457,14 +458,14 @@ class FrozenCopy:
                 yield old
 
     def _copy_message(self, child: str, src: str, dst: str, result: _Result,
-                      section: _Section) -> int:
-        """Copy a new file; returns its inode in the source."""
+                      section: _Section, info: os.stat_result) -> int:
+        """Copy a new file, ``info`` its ``lstat`` (a frozen tree: the file it opens is that
+        one, so no ``fstat``); returns its inode in the source."""
         try:
             fd = os.open(src, OPEN_FLAGS)
         except OSError as exc:
             raise CopyFailed(f"cannot read {src}: {exc.strerror}") from None
         try:
-            info = os.fstat(fd)
             sha, cloned = ("", False) if self.dry_run else copy_open_file(fd, info, dst,
                                                                           self.reflinks)
         finally:
@@ -484,7 +485,7 @@ class FrozenCopy:
         first = section.inodes.get(info.st_ino) or self.inodes.get(info.st_ino)
         if first is None:
             self._copy_message(child, f"{self._src(rel)}/{name}", f"{self._dst(rel)}/{name}",
-                               result, section)
+                               result, section, info)
             return
         path, tail = first
         if not self.dry_run:
@@ -525,7 +526,7 @@ class FrozenCopy:
             else:
                 result.link(rel, tail, info.st_size, renamed=False)
                 return
-        self._copy_message(rel, src, self._dst(rel), result, section)
+        self._copy_message(rel, src, self._dst(rel), result, section, info)
 
     def _make_dir(self, rel: str, info: os.stat_result, section: _Section) -> None:
         self.directories.append((rel, info))
