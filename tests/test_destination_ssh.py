@@ -119,17 +119,18 @@ def test_ssh_commands_are_argv_lists_and_host_keys_are_checked(tmp_path: Path) -
         "ssh_key": "/etc/mailsnap/id ed25519"}])
     store = SshStore(job, job.destination[0], Runner())  # type: ignore[arg-type]
     assert store.ssh_argv() == ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                                "-o", "ServerAliveInterval=30", "-o", "ServerAliveCountMax=4",
                                 "-p", "2222", "-i", "/etc/mailsnap/id ed25519",
                                 "-o", "IdentitiesOnly=yes"]  # no work dir yet: no master
     job.work_dir.mkdir(parents=True)
-    options = store.ssh_argv()[11:]
+    options = store.ssh_argv()[15:]
     assert options[:2] == ["-o", "ControlMaster=auto"]
     assert re.fullmatch(rf"ControlPath={re.escape(str(job.work_dir))}/ssh-[0-9a-f]{{12}}",
                         options[3])
     assert options[4:] == ["-o", "ControlPersist=30"]
     rsync = store.rsync_argv()
-    assert rsync[:5] == ["rsync", "-aHAX", "--numeric-ids", "-s", "--stats"]
-    assert "-i '/etc/mailsnap/id ed25519' -o IdentitiesOnly=yes" in rsync[6]
+    assert rsync[:6] == ["rsync", "-aHAX", "--numeric-ids", "-s", "--stats", "--timeout=600"]
+    assert "-i '/etc/mailsnap/id ed25519' -o IdentitiesOnly=yes" in rsync[7]
     assert store.where() == "backup@host:/srv/mail snap/mail"
 
 

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # Listing, renaming and deleting over SSH: a hung connection must not hang the night.
 COMMAND_TIMEOUT = 600.0
+# rsync's own idle limit: seconds with no data moving either way.
+IO_TIMEOUT = 600
 
 # Publish: make the copied files durable on the remote file system, then one rename (the
 # commit point), then point ``latest`` at it. "$1" partial, "$2" final, "$3" run id,
@@ -113,7 +115,10 @@ class SshStore:
 
     def ssh_argv(self) -> list[str]:
         """ssh and its options, without the host: host keys are always checked."""
-        argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
+        # A peer that vanished (a dropped VPN, a rebooted host) is noticed within 2 minutes
+        # instead of hanging the night.
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                "-o", "ServerAliveInterval=30", "-o", "ServerAliveCountMax=4"]
         if self.remote.port:
             argv += ["-p", str(self.remote.port)]
         if self.settings.ssh_key:
@@ -138,8 +143,9 @@ class SshStore:
                 "-o", "ControlPersist=30"]
 
     def rsync_argv(self) -> list[str]:
-        argv = ["rsync", "-aHAX", "--numeric-ids", "-s", "--stats", "-e",
-                shlex.join(self.ssh_argv())]
+        # --timeout: no data either way for 10 minutes (a hung remote rsync) ends the copy.
+        argv = ["rsync", "-aHAX", "--numeric-ids", "-s", "--stats", f"--timeout={IO_TIMEOUT}",
+                "-e", shlex.join(self.ssh_argv())]
         if self.settings.rsync_path:
             argv.append(f"--rsync-path={self.settings.rsync_path}")
         return argv
