@@ -5,7 +5,6 @@ against moto_server, all on loopback."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 import hashlib
@@ -36,7 +35,7 @@ from mailsnap.errors import DestinationFailed
 from mailsnap.manifest import MANIFEST_FILE, ManifestWriter, escape
 from mailsnap.runner import Runner
 from tests.helpers.fake_runner import FakeRunner
-from tests.helpers.sshd import Sshd, free_port
+from tests.helpers.sshd import Sshd, free_port, wait_for_port
 
 RUN1, RUN2 = "20261201T023000Z", "20261202T023000Z"
 HOST = "mx1"
@@ -523,16 +522,6 @@ def need_restic() -> None:
         pytest.skip(reason)
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"moto_server did not start: {log.read_text()}")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An S3 server (moto, from the dev extra) on a free 127.0.0.1 port: its endpoint URL."""
@@ -550,7 +539,7 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=out, stderr=out)
         try:
-            _wait_for_port(port, process, log)
+            wait_for_port(port, process, log, "moto_server")
             yield f"http://127.0.0.1:{port}"
         finally:
             process.terminate()

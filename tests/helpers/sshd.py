@@ -38,6 +38,19 @@ def free_port() -> int:
         return port
 
 
+def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path, what: str, *,
+                  seconds: float = 30) -> None:
+    """Until a server started as ``process`` accepts connections on 127.0.0.1:``port``;
+    ``RuntimeError`` with its log if it exits or takes longer than ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start: {log.read_text()}")
+        time.sleep(0.05)
+
+
 @dataclass(frozen=True)
 class Sshd:
     port: int
@@ -92,13 +105,7 @@ def running_sshd(directory: Path) -> Iterator[Sshd]:
     log = (directory / "sshd.log").open("w")
     process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"sshd did not start: {(directory / 'sshd.log').read_text()}")
-            time.sleep(0.05)
+        wait_for_port(port, process, directory / "sshd.log", "sshd", seconds=10)
         yield Sshd(port, "root", client_key, known_hosts, directory)
     finally:
         process.terminate()
