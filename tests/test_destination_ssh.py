@@ -427,3 +427,43 @@ def test_a_store_belongs_to_the_host_that_made_it(sshd: Sshd, tmp_path: Path,
     error = recorder.destinations[0]["error"]
     assert "belongs to host" in error and "not 'mx2.example.org'" in error
     assert len([p for p in (remote / "mail").iterdir() if p.name[0].isdigit()]) == 1
+
+
+@pytest.mark.offsite
+def test_what_a_killed_send_left_on_the_remote_host_is_swept_by_the_next(
+        sshd: Sshd, tmp_path: Path) -> None:
+    source = hostile_source(tmp_path / "Maildir")
+    remote = tmp_path / "remote"
+    job = job_of(source, tmp_path / "backups", [ssh_dest(sshd, remote)])
+    first, _ = backup_at(job, START)
+    # As kill -9 leaves them: a half-sent backup and a half-removed one.
+    half = remote / "mail" / "20261101T030000Z.partial" / "mail" / "cur"
+    half.mkdir(parents=True)
+    (half / "x").write_bytes(b"half")
+    (remote / "mail" / "20261031T020000Z.deleting" / "mail").mkdir(parents=True)
+    stranger = remote / "mail" / "not-ours.partial"
+    stranger.mkdir()
+    second, results = backup_at(job, START + timedelta(days=1))
+    assert results[0]["status"] == "ok"
+    names = sorted(p.name for p in (remote / "mail").iterdir())
+    assert names == sorted([".owner", first, second, "latest", "not-ours.partial"])
+
+
+@pytest.mark.offsite
+def test_destination_commands_wait_for_nobody_while_the_job_runs(sshd: Sshd,
+                                                                 tmp_path: Path) -> None:
+    from mailsnap.session import job_lock
+
+    source = hostile_source(tmp_path / "Maildir")
+    remote = tmp_path / "remote"
+    job = job_of(source, tmp_path / "backups", [])
+    config = tmp_path / "mailsnap.toml"
+    config.write_text(_toml(job, sshd, remote) + "keep_last = 1\n")
+    with job_lock(job, "backup", dry_run=False):
+        for command in (["prune", "-d", "offsite"], ["verify", "-d", "offsite"],
+                        ["restore", "-d", "offsite", "--user", "x", "--into",
+                         str(tmp_path / "out")]):
+            result = mailsnap(*command, "--config", config)
+            assert result.returncode == 3, (command, result.stdout, result.stderr)
+            assert "already running" in result.stderr
+    assert not (tmp_path / "out").exists()
