@@ -130,6 +130,17 @@ class EventLog:
                 e.kind for e in self.events if e.kind != "seed" and start <= e.at <= end
             )
 
+    def unsettled(self, since: float) -> set[str]:
+        """Message-IDs whose files may have changed at or after ``since``: those with an event
+        (delivery, COPY, flag change, MOVE) logged then, plus every one with an expunged
+        instance. Those events are logged after Dovecot's reply, so one still in flight at
+        ``since`` is counted; an expunge is logged before its EXPUNGE command is sent, so it
+        may have run after ``since`` whatever its time. Every other Message-ID kept its
+        folders and flags from ``since`` on."""
+        with self._lock:
+            gone = {i.message_id for i in self.instances if i.destroyed is not None}
+            return gone | {e.message_id for e in self.events if e.at >= since}
+
     def last_change(self) -> float:
         with self._lock:
             return max((e.at for e in self.events if e.kind != "seed"), default=-math.inf)
