@@ -4,6 +4,7 @@ injected at the worst moment: between listing a folder and opening the message."
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 import logging
 import os
 from pathlib import Path
@@ -47,7 +48,7 @@ def manifest_of(dest: Path) -> Path:
     return dest.with_name(dest.name + ".manifest.zst")
 
 
-def copy(src: Path, dest: Path, previous: Path | None = None, **kw: int | bool
+def copy(src: Path, dest: Path, previous: Path | None = None, **kw: int | bool | timedelta
          ) -> MaildirCopier:
     dest.mkdir()
     copier = MaildirCopier(Runner(), **kw)
@@ -174,12 +175,15 @@ def test_second_backup_hard_links_unchanged_messages_by_base_name(
 
 
 def test_changed_size_is_copied_not_linked(store: Path, tmp_path: Path) -> None:
-    """The live copy stats every message. (A snapshot copy takes the size from Dovecot's
-    ``S=`` in the name: Dovecot never rewrites a delivered message; see the next test.)"""
+    """The live copy stats every message of a folder it lists. (A snapshot copy takes the size
+    from Dovecot's ``S=`` in the name: Dovecot never rewrites a delivered message; see the
+    next test.) A rewrite in place does not change the folder, which a nightly copy then takes
+    over unlisted: the full check (``full_check_every``, here every copy) lists it; see
+    tests/test_folder_changes.py."""
     copy(store, tmp_path / "one")
     victim = next((store / "cur").iterdir())
     victim.write_text(victim.read_text() + "tampered\n")
-    copy(store, tmp_path / "two", previous=tmp_path / "one")
+    copy(store, tmp_path / "two", previous=tmp_path / "one", full_check_every=timedelta(0))
     assert os.stat(tmp_path / "two" / "cur" / victim.name).st_ino != os.stat(
         tmp_path / "one" / "cur" / victim.name).st_ino
 

@@ -306,6 +306,22 @@ class JobBase(Retention):
         "-aHAX --link-dest, which matches by path (a renamed message is copied again); "
         "snapshot backends only.",
     )
+    full_check_every: Annotated[timedelta, BeforeValidator(parse_age)] = Field(
+        default=timedelta(days=7), ge=timedelta(0),
+        description="The Maildir copier takes a cur/ or new/ whose mtime, ctime and inode are "
+        "unchanged since the previous backup over from it without listing it (Dovecot changes "
+        "a folder's mtime on every delivery, flag change and expunge). A tool that rewrites a "
+        "message in place, or only changes its owner, does not; so once this long after the "
+        "last one, a backup lists every folder and compares every message's size, mtime, mode "
+        "and owner ('7d', '1d'; '0s': every backup does).",
+    )
+    target_snapshots: Literal["auto", "never"] = Field(
+        default="auto",
+        description="'auto': when the target is on btrfs and the copier is 'maildir', each "
+        "backup is a btrfs subvolume that starts as a snapshot of the previous one and gets "
+        "only the night's changes; retention deletes it with 'btrfs subvolume delete'. "
+        "'never': a tree of hard links to the previous backup, on any file system.",
+    )
     run_dir: Path | None = Field(
         default=None,
         description="Directory for mailsnap's private mount points and work files "

@@ -11,7 +11,7 @@ UTF-8 are kept as they are (surrogate escapes), so any Maildir folder name round
     D  <path>  <mode>  <uid>  <gid>  <mtime_ns>  <ctime_ns>  <inode>
     F  <path>  <how>  <size>  <mtime_ns>  <mode>  <uid>  <gid>  <sha256>
     L  <path>  <link target>  <uid>  <gid>  <mtime_ns>
-    E  <records>
+    E  <records>  [listed_before=<ns>  full_check=<ns>]
 
 ``how`` is ``copied`` (written, hashed now), ``reflinked`` (a new file sharing the snapshot's
 extents when both are on one btrfs or XFS: hashed, nothing written), ``linked`` (a hard link to
@@ -19,7 +19,12 @@ the previous backup; its hash carried over, so a message is hashed once in its l
 ``hardlink`` (a hard link to an earlier file of this backup: Dovecot's COPY hard-links a
 message into the new folder).
 A message's base name is its name up to ``:2,`` and is not stored. ``D`` records keep the
-source directory's times and inode, which a later run can compare to skip unchanged folders.
+source directory's times and inode, which a later run compares to take over an unchanged
+``cur/`` or ``new/`` without listing it. The ``E`` line says from when on the copy saw the
+source (``listed_before``: no later than the snapshot, or the live copy's start; a directory
+whose mtime is within the clock's resolution of it may have changed again unseen, see
+``mailsnap.copiers.changes``) and when the last copy that listed every folder and compared
+every message ran (``full_check``), both in ns since the epoch.
 
 Records come in sections: one per mailbox (everything below a user's Maildir root, all its
 folders), or one per directory outside any Maildir. Sections are written in the copy's walk
@@ -94,6 +99,12 @@ def file_tail(size: int, mtime_ns: int, mode: int, uid: int, gid: int, sha256: s
     return f"{size}\t{mtime_ns}\t{mode:o}\t{uid}\t{gid}\t{sha256}"
 
 
+def parent_of(path: str) -> str:
+    """``a/b/c`` → ``a/b``; a name at the top → ``""``."""
+    cut = path.rfind("/")
+    return path[:cut] if cut >= 0 else ""
+
+
 def tail_size(tail: str) -> int:
     return int(tail.split("\t", 1)[0])
 
@@ -119,6 +130,13 @@ class Summary:
     renames: int = 0
     reflinked: int = 0
     directories: int = 0
+    # Message directories (cur/, new/) listed, and those taken over unlisted because their
+    # mtime, ctime and inode say nothing in them changed since the previous backup.
+    folders_listed: int = 0
+    folders_unchanged: int = 0
+    # Files and directories of the previous backup removed from a backup that started as a
+    # snapshot of it (target_snapshots): what the source no longer has.
+    removed: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -137,6 +155,8 @@ class ManifestWriter:
     looks whole."""
 
     def __init__(self, path: Path) -> None:
+        # Written on the end line: see the module's docstring.
+        self.end_fields: dict[str, int] = {}
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._raw: IO[bytes] = os.fdopen(fd, "wb")
         self._zstd = _compressor().stream_writer(self._raw, closefd=False)
@@ -163,7 +183,8 @@ class ManifestWriter:
         self.records += self._frame(itertools.chain((f"S\t{escape(key)}\n",), lines)) - 1
 
     def close(self) -> None:
-        self._frame([f"E\t{self.records}\n"])
+        extra = "".join(f"\t{key}={value}" for key, value in self.end_fields.items())
+        self._frame([f"E\t{self.records}{extra}\n"])
         self._zstd.close()  # type: ignore[no-untyped-call]
         self._raw.flush()
         os.fsync(self._raw.fileno())
@@ -185,9 +206,30 @@ class Section:
     key: str
     files: dict[str, str] = field(default_factory=dict)  # path → file_tail
     directories: dict[str, str] = field(default_factory=dict)  # path → rest of the D record
+    # Directories holding a symlink (``L`` records are not kept): never taken over unlisted.
+    symlinks: set[str] = field(default_factory=set)
     # base name → its path, or its paths when there are several (rare: a list for every
     # message would double the index's memory).
     _by_base: dict[str, str | list[str]] | None = None
+    _by_directory: dict[str, list[str]] | None = None
+    _parents: set[str] | None = None
+
+    def has_subdirectories(self, rel: str) -> bool:
+        """Whether the previous backup held a directory inside ``rel`` (then ``rel`` was no
+        message directory, whatever its name)."""
+        if self._parents is None:
+            self._parents = {parent_of(path) for path in self.directories}
+        return rel in self._parents
+
+    def in_directory(self, rel: str) -> list[str]:
+        """The paths of the files directly in directory ``rel`` (built on first use, for the
+        whole section: only a night that takes folders over unlisted needs it)."""
+        if self._by_directory is None:
+            index: dict[str, list[str]] = {}
+            for path in self.files:
+                index.setdefault(parent_of(path), []).append(path)
+            self._by_directory = index
+        return self._by_directory.get(rel, [])
 
     def by_base(self, base: str) -> list[str]:
         if self._by_base is None:
@@ -207,18 +249,25 @@ class Section:
         return [found] if isinstance(found, str) else found
 
 
-def _check_whole(path: Path) -> None:
+_END_LINE = re.compile(rb"(?:^|\n)E\t\d+((?:\t[a-z_]+=\d+)*)\n$")
+
+
+def _check_whole(path: Path) -> dict[str, int]:
     """Decompress the whole manifest (checking every frame's checksum) and look for its end
-    line; raises ValueError or zstd's error. Cheap: no line is parsed."""
+    line; returns the end line's ``key=value`` fields. Raises ValueError or zstd's error.
+    Cheap: no line is parsed."""
     import zstandard  # only the copy and verify need it
 
     tail = b""
     with path.open("rb") as raw:
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
         while chunk := reader.read(READ_CHARS):
-            tail = (tail + chunk[-64:])[-64:]
-    if not re.search(rb"(^|\n)E\t\d+\n$", tail):
+            tail = (tail + chunk[-256:])[-256:]
+    found = _END_LINE.search(tail)
+    if found is None:
         raise ValueError("truncated: no end line")
+    fields = found.group(1).decode().split("\t")[1:]
+    return {key: int(value) for key, value in (f.split("=", 1) for f in fields)}
 
 
 def _read_text(path: Path) -> tuple[IO[bytes], io.TextIOWrapper]:
@@ -247,11 +296,12 @@ class PreviousManifest:
         self.path = path
         self.keep = keep
         self.damaged: str | None = None
+        self.end_fields: dict[str, int] = {}
         self._cache: dict[str, Section] = {}
         self._pending: Section | None = None
         self._done = False
         try:
-            _check_whole(path)
+            self.end_fields = _check_whole(path)
             self._raw, self._text = _read_text(path)
             head = self._text.readline()
         except (OSError, ValueError) as exc:
@@ -312,7 +362,9 @@ class PreviousManifest:
                     _kind, path, rest = line.split("\t", 2)
                     section.directories[unescape(path)] = rest
                 elif kind == "L\t":
-                    pass  # symlinks are re-read from the source every time
+                    # Symlinks are re-read from the source every time, so their directory is.
+                    path = unescape(line.split("\t", 2)[1])
+                    section.symlinks.add(parent_of(path))
                 elif kind == "E\t":
                     self._done = True
                     self._pending = None

@@ -33,7 +33,7 @@ import socket
 import time
 from typing import Any
 
-from mailsnap import __version__, progress
+from mailsnap import __version__, progress, subvolumes
 from mailsnap.backends.base import Snapshot, snapshot_name
 from mailsnap.config import Job
 from mailsnap.copiers import Previous, make_copier
@@ -83,6 +83,9 @@ class View:
     path: Path
     snapshot: Snapshot | None
     check: Callable[[], None]
+    # Wall-clock ns no later than the moment the view shows (taken before the snapshot, or
+    # before the live copy starts): see mailsnap.copiers.changes.
+    since_ns: int = 0
 
     @property
     def point_in_time(self) -> bool:
@@ -131,8 +134,9 @@ def open_view(session: Session, run_id: str) -> View:
             log.info("hooks before_snapshot/after_snapshot: not run for a live copy (there is "
                      "no snapshot instant; see mailsnap.hooks)")
         identity = SourceIdentity.of(job.source)
-        return View(job.source, None, identity.verify)
+        return View(job.source, None, identity.verify, time.time_ns())
     time_snapshot(session.stack)  # the report's snapshot hold time: from here to its teardown
+    since_ns = time.time_ns()
     with Hooks(job, runner, run_id).around_snapshot(), stage("snapshot"):
         snapshot = backend.create(session.volume, name)
         session.undo(f"destroy snapshot {name}", lambda: backend.destroy(snapshot))
@@ -145,7 +149,7 @@ def open_view(session: Session, run_id: str) -> View:
         path = backend.mount(snapshot, mountpoint)
         session.undo(f"unmount {mountpoint}", lambda: backend.unmount(snapshot, mountpoint))
     fault_point("after-mount")
-    return View(path, snapshot, lambda: backend.check_healthy(snapshot))
+    return View(path, snapshot, lambda: backend.check_healthy(snapshot), since_ns)
 
 
 def _watched(check: Callable[[], None]) -> Callable[[], None]:
@@ -194,7 +198,7 @@ def _run_backup(
         check_target_outside_source(job.source, job.target)
     with signals_unwind() as guard, \
             job_session(job, runner, guard, purpose="backup") as session:
-        store = BackupStore(job.target / job.name, dry_run=runner.dry_run)
+        store = BackupStore(job.target / job.name, dry_run=runner.dry_run, runner=runner)
         if not runner.dry_run:
             session.enter(store.locked())
         store.sweep_partials()
@@ -209,11 +213,14 @@ def _run_backup(
             runner=runner,
             max_passes=getattr(job, "max_passes", 10),
             progress=progress.current().reporter(),
+            full_check_every=job.full_check_every,
+            since_ns=view.since_ns,
         )
         previous = store.latest()
         if previous is not None:  # about as much as last time: the display can show time left
             progress.current().expect(_recorded(previous, "files"), _recorded(previous, "bytes"))
-        partial = store.begin(run_id)
+        subvolume, base = target_snapshots(job, store, view, copier.name, previous)
+        partial = store.begin(run_id, subvolume=subvolume, base=base)
         # Unwinds first: an unpublished .partial goes before the snapshot does. After publish
         # the .partial name no longer exists and this is a no-op.
         scope.undo(f"remove unpublished {partial.name}", lambda: store.discard(partial))
@@ -222,7 +229,8 @@ def _run_backup(
                 stats = copier.copy(
                     view.path,
                     partial / CONTENT,
-                    previous=Previous(previous.content, previous.path / MANIFEST_FILE)
+                    previous=Previous(previous.content, previous.path / MANIFEST_FILE,
+                                      in_place=base is not None)
                     if previous else None,
                     excludes=job.excludes,
                     watch=_watched(view.check),
@@ -305,6 +313,23 @@ def _run_backup(
         estimated=estimated,
         pruned=pruned,
     )
+
+
+def target_snapshots(job: Job, store: BackupStore, view: View, copier: str,
+                     previous: Backup | None) -> tuple[bool, Backup | None]:
+    """Whether this backup is a btrfs subvolume (``target_snapshots``), and the previous
+    backup it starts as a snapshot of (None: it starts empty)."""
+    if (job.target_snapshots != "auto" or copier != "maildir" or not view.point_in_time
+            or store.dry_run or not subvolumes.is_btrfs(store.runner, store.root)):
+        return False, None
+    if previous is None:
+        return True, None
+    if subvolumes.is_subvolume(previous.path) and (previous.path / MANIFEST_FILE).exists():
+        return True, previous
+    log.warning("backups of %s become btrfs subvolumes from this one on (target_snapshots); "
+                "%s is not one, so this backup clones its files (no data written) rather than "
+                "starting as a snapshot of it", job.name, previous.run_id)
+    return True, None
 
 
 def send_to_destinations(job: Job, runner: Runner, guard: SignalGuard, scope: Session,

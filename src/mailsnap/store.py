@@ -22,15 +22,20 @@ from pathlib import Path
 import re
 import shutil
 import stat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from mailsnap import subvolumes
 from mailsnap.backends.base import RUN_ID_RE
 from mailsnap.errors import LockedError, MailsnapError
 from mailsnap.faults import fault_point
 
+if TYPE_CHECKING:
+    from mailsnap.runner import Runner
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "mailsnap.json"
+MANIFEST_ZST = "manifest.zst"  # the copier's file manifest (mailsnap.manifest.MANIFEST_FILE)
 CONTENT = "mail"
 PARTIAL_SUFFIX = ".partial"
 DELETING_SUFFIX = ".deleting"
@@ -61,9 +66,20 @@ class Backup:
 class BackupStore:
     """All backups of one job, under ``root`` = ``TARGET/<job>``."""
 
-    def __init__(self, root: Path, *, dry_run: bool = False) -> None:
+    def __init__(self, root: Path, *, dry_run: bool = False,
+                 runner: Runner | None = None) -> None:
         self.root = root
         self.dry_run = dry_run
+        self._runner = runner
+
+    @property
+    def runner(self) -> Runner:
+        """For ``btrfs subvolume`` commands (a store of subvolumes, see ``subvolumes``)."""
+        if self._runner is None:
+            from mailsnap.runner import Runner
+
+            self._runner = Runner(dry_run=self.dry_run)
+        return self._runner
 
     # -- the run lock ----------------------------------------------------------------------
 
@@ -134,12 +150,26 @@ class BackupStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def begin(self, run_id: str) -> Path:
+    def begin(self, run_id: str, *, subvolume: bool = False,
+              base: Backup | None = None) -> Path:
         """Create ``<run id>.partial/mail/`` and return the ``.partial`` directory.
+        ``subvolume``: the ``.partial`` is a btrfs subvolume, a writable snapshot of ``base``
+        (a subvolume: the copy then changes it into the new backup) or a new empty one.
         Dry run: returns the path, creates nothing."""
         partial = self.partial_path(run_id)
-        if not self.dry_run:
+        if self.dry_run:
+            return partial
+        if not subvolume:
             partial.mkdir(mode=0o700)
+            (partial / CONTENT).mkdir(mode=0o700)
+        elif base is not None:
+            subvolumes.snapshot(self.runner, base.path, partial)
+            for own in (MANIFEST, MANIFEST_ZST):  # the previous backup's, not this one's
+                with contextlib.suppress(FileNotFoundError):
+                    (partial / own).unlink()
+        else:
+            subvolumes.create(self.runner, partial)
+            os.chmod(partial, 0o700)
             (partial / CONTENT).mkdir(mode=0o700)
         return partial
 
@@ -150,7 +180,7 @@ class BackupStore:
             return
         if partial.parent != self.root or not partial.name.endswith(PARTIAL_SUFFIX):
             raise MailsnapError(f"refusing to remove {partial}: not a partial backup")
-        shutil.rmtree(partial)
+        self._remove_tree(partial)
         log.info("removed unpublished %s", partial)
 
     def sweep_partials(self) -> list[Path]:
@@ -190,6 +220,8 @@ class BackupStore:
             os.fsync(handle.fileno())
         os.chmod(manifest_path, 0o600)
         _sync_tree(partial)
+        if subvolumes.is_subvolume(partial):
+            subvolumes.make_read_only(self.runner, partial)
         if final.exists():
             raise MailsnapError(f"{final} already exists; refusing to overwrite a backup")
         fault_point("mid-publish")
@@ -226,7 +258,7 @@ class BackupStore:
         os.rename(path, doomed)
         _fsync_dir(self.root)
         fault_point("mid-prune")
-        _remove_tree(doomed)
+        self._remove_tree(doomed)
 
     def finish_deletions(self) -> list[str]:
         """Delete ``<id>.deleting`` directories that an interrupted prune left. Returns their
@@ -242,7 +274,7 @@ class BackupStore:
         for path in left:
             log.warning("finishing the removal of %s (an interrupted prune)", path.name)
             if not self.dry_run:
-                _remove_tree(path)
+                self._remove_tree(path)
         return [p.name for p in left]
 
     def repair_latest(self) -> str | None:
@@ -267,12 +299,15 @@ class BackupStore:
         os.symlink(name, tmp)
         os.replace(tmp, link)
 
-
-def _remove_tree(path: Path) -> None:
-    """``shutil.rmtree`` works on directory file descriptors and never follows a symlink it
-    finds inside; a symlink at the top it refuses. Deleting a hard-link backup unlinks one name
-    per file; the messages live on in the other backups."""
-    shutil.rmtree(path)
+    def _remove_tree(self, path: Path) -> None:
+        """A subvolume is deleted whole (O(1)); a hard-link tree by ``shutil.rmtree``, which
+        works on directory file descriptors and never follows a symlink it finds inside (a
+        symlink at the top it refuses): one unlink per file, the messages live on in the
+        other backups."""
+        if subvolumes.is_subvolume(path):
+            subvolumes.delete(self.runner, path)
+        else:
+            shutil.rmtree(path)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -7,6 +7,7 @@ one ``Copier`` Protocol. The pipeline asks ``make_copier`` and never knows which
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from mailsnap.copiers.base import Copier, CopyStats, Previous
@@ -23,6 +24,7 @@ __all__ = ["Copier", "CopyStats", "MaildirCopier", "Previous", "RsyncCopier", "m
 def make_copier(
     kind: str, *, point_in_time: bool, runner: Runner, max_passes: int = 10,
     progress: Callable[[int, int], None] | None = None,
+    full_check_every: timedelta = timedelta(days=7), since_ns: int = 0,
 ) -> Copier:
     """The job's copier. rsync is only safe on a frozen tree: a live view gets the Maildir
     copier's re-scanning walk. ``progress`` gets (files, bytes) as the copy goes."""
@@ -37,7 +39,8 @@ def make_copier(
     from mailsnap.copiers.maildir import MaildirCopier
 
     return MaildirCopier(runner, frozen=point_in_time, max_passes=max_passes,
-                         progress=progress)
+                         progress=progress, full_check_every=full_check_every,
+                         since_ns=since_ns)
 
 
 def __getattr__(name: str) -> Any:

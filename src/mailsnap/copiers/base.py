@@ -17,6 +17,9 @@ class Previous:
 
     content: Path
     manifest: Path
+    # The copy's destination already holds a writable snapshot of this backup
+    # (``target_snapshots``): the copy changes it into the new backup instead of linking.
+    in_place: bool = False
 
 
 @dataclass

@@ -45,6 +45,7 @@ import time
 # it first runs this package's __init__, which imports this module before maildirs has finished.
 from mailsnap import faults, maildirs
 from mailsnap.copiers.base import CopyStats
+from mailsnap.copiers.changes import FolderTimes, directory_fields
 from mailsnap.copiers.excludes import ExcludeMatcher
 from mailsnap.copiers.files import (
     IS_ROOT,
@@ -127,8 +128,14 @@ class LiveCopy:
         progress: Progress | None = None,
         max_passes: int = 10,
         quiet_passes: int = 2,
+        folders: FolderTimes | None = None,
     ) -> None:
         self.progress = progress
+        self.folders_check = folders
+        # Folders taken over from the previous backup unlisted (see ``_take_over``): their
+        # cur/ and new/ as they were then. A later pass lists a folder once they move.
+        self.taken: dict[str, dict[str, str]] = {}
+        self.unlisted: dict[str, list[str]] = {}  # mailbox → its folders taken over
         self.last_progress = time.monotonic()
         self.source = source
         self.dest = dest
@@ -290,14 +297,27 @@ class LiveCopy:
         return found
 
     def _messages(self, folder_rel: str, section: str) -> None:
+        first = folder_rel not in self.folders
         folder = self.folders.setdefault(folder_rel, _Folder(section))
+        infos: dict[str, os.stat_result] = {}
         for sub in MESSAGE_DIRS:
             rel = f"{folder_rel}/{sub}" if folder_rel else sub
             try:
-                self._make_dir(rel, os.lstat(self.source / rel), section)
+                infos[sub] = os.lstat(self.source / rel)
+                self._make_dir(rel, infos[sub], section)
             except OSError as exc:
                 if not maildirs.gone(exc):
                     raise
+        taken = self.taken.get(folder_rel)
+        if taken is not None:
+            if all(sub in infos and directory_fields(infos[sub]) == taken[sub]
+                   for sub in MESSAGE_DIRS):
+                return  # nothing moved in it since it was taken over
+            del self.taken[folder_rel]  # changed during the run: listed from now on
+        elif first and self._take_over(folder, folder_rel, section, infos):
+            return
+        if first:
+            self.stats.summary.folders_listed += len(infos)
         self._dot_files(folder_rel, section)
         listing = self._list_messages(folder_rel)
         for base in sorted(listing.keys() - folder.copied):
@@ -321,6 +341,61 @@ class LiveCopy:
                     self.stats.vanished += 1
                     break
                 name = renamed
+
+    def _take_over(self, folder: _Folder, folder_rel: str, section: str,
+                   infos: dict[str, os.stat_result]) -> bool:
+        """A folder whose ``cur/`` and ``new/`` are unchanged since the previous backup
+        (``mailsnap.copiers.changes``): its messages are linked from the previous backup by
+        the previous manifest, unlisted. False (nothing done) when it cannot be."""
+        previous = self._previous_section(section)
+        check = self.folders_check
+        if check is None or previous is None or set(infos) != set(MESSAGE_DIRS):
+            return False
+        subs = {sub: f"{folder_rel}/{sub}" if folder_rel else sub for sub in MESSAGE_DIRS}
+        for sub, rel in subs.items():
+            if (not check.unchanged(previous.directories.get(rel), infos[sub])
+                    or rel in previous.symlinks or previous.has_subdirectories(rel)):
+                return False
+        for rel in subs.values():
+            for path in previous.in_directory(rel):
+                name = path[len(rel) + 1:]
+                if self.excludes.excluded(path, is_dir=False):
+                    continue
+                if name.startswith("."):
+                    self._plain_file(path, section)
+                    continue
+                tail = previous.files[path]
+                if not self.dry_run:
+                    assert self.previous is not None
+                    try:
+                        os.link(self.previous / path, self.dest / path)
+                    except FileNotFoundError:
+                        continue  # lost from the previous backup: the next pass copies it
+                size = int(tail[: tail.index("\t")])
+                self._record_link(path, section, tail, size, renamed=False)
+                self.stats.messages = (self.stats.messages or 0) + 1
+                folder.copied.add(base_name(name))
+        self.taken[folder_rel] = {sub: directory_fields(infos[sub]) for sub in MESSAGE_DIRS}
+        self.unlisted.setdefault(section, []).append(folder_rel)
+        self.stats.summary.folders_unchanged += len(MESSAGE_DIRS)
+        return True
+
+    def _learn_inodes(self, mailbox: str) -> None:
+        """A new hard link in the source (Dovecot's COPY) whose other name may be in a folder
+        taken over unlisted: ``stat`` those folders' messages once, so the backup links the
+        two names as the source does."""
+        previous = self._previous_section(mailbox)
+        for folder_rel in self.unlisted.pop(mailbox, []):
+            for sub in MESSAGE_DIRS:
+                rel = f"{folder_rel}/{sub}" if folder_rel else sub
+                for path in previous.in_directory(rel) if previous is not None else ():
+                    try:
+                        info = os.lstat(self.source / path)
+                    except OSError:
+                        continue
+                    if info.st_nlink > 1 and path in self.records:
+                        self.by_inode.setdefault((info.st_dev, info.st_ino), _Copied(
+                            folder_rel, base_name(path[len(rel) + 1:]), path, info.st_size))
 
     def _dot_files(self, folder_rel: str, section: str) -> None:
         """Names starting with "." in ``cur/`` and ``new/`` are not messages by the Maildir
@@ -351,6 +426,8 @@ class LiveCopy:
         try:
             info = os.fstat(fd)
             key = (info.st_dev, info.st_ino)
+            if info.st_nlink > 1 and key not in self.by_inode and folder.mailbox in self.unlisted:
+                self._learn_inodes(folder.mailbox)
             earlier = self.by_inode.get(key)
             if earlier is not None and earlier.folder != folder_rel:
                 if self._list_messages(earlier.folder).get(earlier.base) is None:

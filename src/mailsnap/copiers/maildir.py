@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import contextlib
+from datetime import timedelta
 import logging
 from pathlib import Path
+import shutil
+import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mailsnap.copiers.base import CopyStats, Previous
+from mailsnap.copiers.changes import plan_folders
 from mailsnap.copiers.excludes import ExcludeMatcher
 from mailsnap.copiers.files import base_name
 from mailsnap.manifest import ManifestWriter, PreviousManifest
@@ -35,8 +39,13 @@ class MaildirCopier:
     name: ClassVar[str] = "maildir"
 
     def __init__(self, runner: Runner, *, frozen: bool = False, max_passes: int = 10,
-                 quiet_passes: int = 2, progress: Progress | None = None) -> None:
+                 quiet_passes: int = 2, progress: Progress | None = None,
+                 full_check_every: timedelta = timedelta(days=7), since_ns: int = 0) -> None:
         self.runner = runner
+        self.full_check_every = full_check_every
+        # No later than the instant the source is copied as of (0: the copy's own start):
+        # see mailsnap.copiers.changes.
+        self.since_ns = since_ns
         self.frozen = frozen
         self.max_passes = max_passes
         self.quiet_passes = quiet_passes
@@ -65,10 +74,23 @@ class MaildirCopier:
         if dry_run and not source.is_dir():
             log.info("[dry-run] %s is not mounted: nothing to read", source)
             return CopyStats(messages=None)
+        started_ns = time.time_ns()
         with contextlib.ExitStack() as stack:
             earlier = self._previous_manifest(previous, keep=not self.frozen)
             if earlier is not None:
                 stack.callback(earlier.close)
+            in_place = previous is not None and previous.in_place and not dry_run
+            if in_place and earlier is None:
+                # The snapshot of the previous backup cannot be checked against a manifest:
+                # start from an empty tree rather than keep a file on a guess.
+                log.warning("emptying %s: the previous backup it is a snapshot of has no "
+                            "usable manifest, so this backup is a full copy", dest)
+                shutil.rmtree(dest)
+                dest.mkdir(mode=0o700)
+                in_place = False
+            plan = plan_folders(earlier.end_fields if earlier is not None else None,
+                                self.full_check_every, started_ns)
+            log.info("folders: %s", plan.reason)
             writer = None
             if manifest is not None and not dry_run:
                 writer = ManifestWriter(manifest)
@@ -84,17 +106,24 @@ class MaildirCopier:
             stats = (
                 FrozenCopy(source, dest, previous=linked_to, previous_manifest=earlier,
                            manifest=writer, excludes=matcher, dry_run=dry_run, watch=watch,
-                           progress=self.progress).run()
+                           progress=self.progress, folders=plan.times,
+                           in_place=in_place, check_every_file=plan.times is None).run()
                 if self.frozen else
                 LiveCopy(source, dest, previous=linked_to, previous_manifest=earlier,
                          manifest=writer, excludes=matcher, dry_run=dry_run, watch=watch,
                          progress=self.progress, max_passes=self.max_passes,
-                         quiet_passes=self.quiet_passes).run()
+                         quiet_passes=self.quiet_passes, folders=plan.times).run()
             )
             if earlier is not None and earlier.damaged:
                 log.warning("%s; the rest of this backup was copied, not linked",
                             earlier.damaged)
             if writer is not None:
+                # A lower bound of when this copy saw the source: a snapshot is older than
+                # the copy, a live tree is read from the copy's start on.
+                writer.end_fields = {
+                    "listed_before": min(self.since_ns or started_ns, started_ns),
+                    "full_check": plan.full_check,
+                }
                 stack.pop_all()
                 if earlier is not None:
                     earlier.close()

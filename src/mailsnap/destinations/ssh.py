@@ -30,13 +30,14 @@ import socket
 import tempfile
 from typing import ClassVar
 
+from mailsnap import subvolumes
 from mailsnap.backends.base import RUN_ID_RE
 from mailsnap.config import SSH_TARGET_RE, Job, SshDestination
 from mailsnap.copiers.rsync import _rules_file, parse_stats, tmp_rule
 from mailsnap.destinations.base import Sent, Source, Stored
 from mailsnap.errors import CommandFailed, DestinationFailed, MailsnapError
 from mailsnap.maildirs import survey
-from mailsnap.manifest import MANIFEST_FILE, ManifestDamaged, read_records
+from mailsnap.manifest import MANIFEST_FILE, ManifestDamaged, PreviousManifest, read_records
 from mailsnap.prune import backup_time
 from mailsnap.runner import Runner
 from mailsnap.store import CONTENT, DELETING_SUFFIX, LATEST, MANIFEST, PARTIAL_SUFFIX
@@ -252,7 +253,10 @@ class SshStore:
         after = source.local / CONTENT
         if not before.is_dir() or not after.is_dir():
             return 0
-        pairs = renamed_pairs(before, after)
+        pairs = (renamed_by_manifest(before.parent / MANIFEST_FILE, after.parent / MANIFEST_FILE)
+                 if subvolumes.is_subvolume(after.parent) else None)
+        if pairs is None:
+            pairs = renamed_pairs(before, after)
         if not pairs:
             return 0
         dirs = sorted({f"{CONTENT}/{os.path.dirname(n)}".rstrip("/") for _, n in pairs})
@@ -386,6 +390,41 @@ def _files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
                     pending.append(child)
                 elif entry.is_file(follow_symlinks=False):
                     yield child, entry.stat(follow_symlinks=False)
+
+
+def renamed_by_manifest(before: Path, after: Path) -> list[tuple[str, str]] | None:
+    """(name in ``before``, name in ``after``) from two backups' manifests: a file of
+    ``after`` under a name ``before`` lacks, whose record (size, mtime, mode, owner, sha256)
+    is that of a file of ``before`` in the same mailbox. For backups that are btrfs
+    subvolumes, which share no hard links. None when a manifest is missing or damaged."""
+    if not before.is_file() or not after.is_file():
+        return None
+    earlier, later = PreviousManifest(before), PreviousManifest(after)
+    try:
+        if earlier.damaged or later.damaged:
+            return None
+        pairs: list[tuple[str, str]] = []
+        for section in later.all_sections():
+            old = earlier.section(section.key)
+            if old is None:
+                continue
+            by_record: dict[str, str] | None = None
+            for path, tail in section.files.items():
+                if path in old.files:
+                    continue
+                if by_record is None:  # only for a mailbox where something is new
+                    by_record = {}
+                    for old_path, old_tail in old.files.items():
+                        by_record.setdefault(old_tail, old_path)
+                found = by_record.get(tail)
+                if found is not None and tail.rsplit("\t", 1)[1]:  # a sha256 to match on
+                    pairs.append((found, path))
+        if later.damaged:
+            return None
+        return sorted(pairs, key=lambda pair: pair[1])
+    finally:
+        earlier.close()
+        later.close()
 
 
 def renamed_pairs(before: Path, after: Path) -> list[tuple[str, str]]:

@@ -1,0 +1,326 @@
+"""Folder-level change detection (issue #12): a ``cur/`` or ``new/`` whose mtime, ctime, inode,
+mode and owner are what the previous manifest recorded is taken over from the previous backup
+without being listed; everything else is listed. On real files, any file system (the btrfs
+target and real snapshots are in tests/test_target_snapshots.py)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+import os
+from pathlib import Path
+import shutil
+import time
+
+import pytest
+
+from mailsnap.config import DEFAULT_EXCLUDES
+from mailsnap.copiers import frozen as frozen_module
+from mailsnap.copiers import live as live_module
+from mailsnap.copiers.base import Previous
+from mailsnap.copiers.changes import CLOCK_SLACK_NS, FolderTimes, directory_fields, plan_folders
+from mailsnap.copiers.maildir import MaildirCopier, base_name
+from mailsnap.manifest import read_records
+from mailsnap.runner import Runner
+from tests.helpers.trees import diff_trees, linked_to
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "Maildir"
+MESSAGE_DIRS = 10  # cur/ and new/ of the INBOX and its four folders
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    src = tmp_path / "Maildir"
+    shutil.copytree(EXAMPLE, src, symlinks=True)
+    age(src)
+    return src
+
+
+def age(root: Path, seconds: float = 3600) -> None:
+    """Every directory last changed an hour ago: the night's store before the night's mail."""
+    then = time.time() - seconds
+    for dirpath, _dirs, _files in os.walk(root):
+        os.utime(dirpath, (then, then))
+
+
+def backup(src: Path, dest: Path, previous: Path | None = None,
+           every: timedelta = timedelta(days=7)) -> MaildirCopier:
+    dest.mkdir()
+    copier = MaildirCopier(Runner(), frozen=True, full_check_every=every)
+    copier.stats = copier.copy(  # type: ignore[attr-defined]
+        src, dest, excludes=DEFAULT_EXCLUDES, manifest=manifest_of(dest),
+        previous=Previous(previous, manifest_of(previous)) if previous else None)
+    return copier
+
+
+def manifest_of(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".manifest.zst")
+
+
+@pytest.fixture
+def listed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every directory the copy lists."""
+    seen: list[str] = []
+    real = frozen_module.FullListing.scan
+
+    def scan(self: frozen_module.FullListing, path: str) -> list[os.DirEntry[str]]:
+        seen.append(path)
+        return real(self, path)
+
+    monkeypatch.setattr(frozen_module.FullListing, "scan", scan)
+    return seen
+
+
+def message_dirs(paths: list[str]) -> list[str]:
+    return [p for p in paths if os.path.basename(p) in ("cur", "new")]
+
+
+def test_unchanged_folders_are_taken_over_without_listing(
+    store: Path, tmp_path: Path, listed: list[str]
+) -> None:
+    backup(store, tmp_path / "one")
+    assert len(message_dirs(listed)) == MESSAGE_DIRS
+    listed.clear()
+    copier = backup(store, tmp_path / "two", tmp_path / "one")
+    summary = copier.stats.summary  # type: ignore[attr-defined]
+    assert message_dirs(listed) == []
+    assert (summary.folders_unchanged, summary.folders_listed) == (MESSAGE_DIRS, 0)
+    assert summary.bytes_written == 0
+    assert diff_trees(store, tmp_path / "two") == []
+    # Hard links to the first backup, and the same manifest records.
+    assert len(linked_to(tmp_path / "one", tmp_path / "two")) == summary.files
+    def files(dest: Path) -> set[tuple[str, ...]]:  # path and tail: all but "how"
+        return {(r[1], *r[3:]) for r in read_records(manifest_of(dest)) if r[0] == "F"}
+
+    assert files(tmp_path / "one") == files(tmp_path / "two")
+
+
+def test_a_changed_folder_is_listed_and_the_others_are_not(
+    store: Path, tmp_path: Path, listed: list[str]
+) -> None:
+    backup(store, tmp_path / "one")
+    flagged = next((store / ".Sent" / "cur").glob("*:2,S"))
+    renamed = flagged.with_name(base_name(flagged.name) + ":2,RS")
+    os.rename(flagged, renamed)  # Dovecot's flag change: .Sent/cur's mtime moves
+    (store / ".Archive" / "new" / "1800000000.M1P1.host,S=5").write_bytes(b"hello")
+    listed.clear()
+    copier = backup(store, tmp_path / "two", tmp_path / "one")
+    summary = copier.stats.summary  # type: ignore[attr-defined]
+    assert sorted(message_dirs(listed)) == sorted(
+        [str(store / ".Sent" / "cur"), str(store / ".Archive" / "new")])
+    assert (summary.folders_unchanged, summary.folders_listed) == (MESSAGE_DIRS - 2, 2)
+    assert (summary.renames, summary.copied, summary.bytes_written) == (1, 1, 5)
+    assert diff_trees(store, tmp_path / "two") == []
+
+
+def test_a_folder_changed_close_to_the_previous_copy_is_listed(
+    store: Path, tmp_path: Path, listed: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two changes in one tick of the file system's clock leave a directory's mtime and
+    ctime as they were. A folder whose recorded mtime is within CLOCK_SLACK_NS of the moment
+    the previous copy started may have changed so, and is listed however it looks now."""
+    age(store, 7200)
+    sent = store / ".Sent" / "cur"
+    hour_ago = time.time() - 3600
+    os.utime(sent, (hour_ago, hour_ago))
+    mtime = os.lstat(sent).st_mtime_ns
+    real = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: mtime + CLOCK_SLACK_NS - 1)
+    backup(store, tmp_path / "one")  # "started" 2 s after .Sent/cur last changed
+    monkeypatch.setattr(time, "time_ns", real)
+    listed.clear()
+    copier = backup(store, tmp_path / "two", tmp_path / "one")
+    assert str(sent) in listed
+    assert copier.stats.summary.folders_unchanged == MESSAGE_DIRS - 1  # type: ignore[attr-defined]
+
+
+def test_a_store_fresh_from_delivery_is_listed_whole(tmp_path: Path, listed: list[str]) -> None:
+    src = tmp_path / "Maildir"
+    shutil.copytree(EXAMPLE, src, symlinks=True)
+    age(src, 0)  # every directory changed just now
+    backup(src, tmp_path / "one")
+    listed.clear()
+    copier = backup(src, tmp_path / "two", tmp_path / "one")
+    assert len(message_dirs(listed)) == MESSAGE_DIRS
+    assert copier.stats.summary.folders_unchanged == 0  # type: ignore[attr-defined]
+
+
+def test_a_file_rewritten_in_place_waits_for_the_full_check(
+    store: Path, tmp_path: Path, listed: list[str]
+) -> None:
+    """A foreign tool that rewrites a message in place (same name and size, new mtime) does
+    not touch its folder: the nightly backup keeps the old copy; the full check (every
+    ``full_check_every``) lists the folder and stats every message, and copies it."""
+    backup(store, tmp_path / "one")
+    victim = next((store / "cur").glob("*:2,S"))
+    victim.write_bytes(victim.read_bytes().upper())  # O_TRUNC: the folder does not change
+    nightly = backup(store, tmp_path / "two", tmp_path / "one")
+    assert (tmp_path / "two" / "cur" / victim.name).read_bytes() != victim.read_bytes()
+    assert nightly.stats.summary.folders_unchanged == MESSAGE_DIRS  # type: ignore[attr-defined]
+    full = backup(store, tmp_path / "three", tmp_path / "two", every=timedelta(0))
+    assert full.stats.summary.folders_listed == MESSAGE_DIRS  # type: ignore[attr-defined]
+    assert full.stats.summary.copied == 1  # type: ignore[attr-defined]
+    assert diff_trees(store, tmp_path / "three") == []
+
+
+def test_the_full_check_is_due_after_full_check_every(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backup(store, tmp_path / "one")
+    real = time.time_ns
+    day = 86400 * 10**9
+    monkeypatch.setattr(time, "time_ns", lambda: real() + 6 * day)
+    six = backup(store, tmp_path / "two", tmp_path / "one")
+    assert six.stats.summary.folders_unchanged == MESSAGE_DIRS  # type: ignore[attr-defined]
+    # 10 % slack: a weekly check from a nightly job runs on the 7th night, a bit early or not.
+    monkeypatch.setattr(time, "time_ns", lambda: real() + 7 * day - 3600 * 10**9)
+    seven = backup(store, tmp_path / "three", tmp_path / "two")
+    assert seven.stats.summary.folders_listed == MESSAGE_DIRS  # type: ignore[attr-defined]
+    # ... and the week starts again from that check.
+    eight = backup(store, tmp_path / "four", tmp_path / "three")
+    assert eight.stats.summary.folders_unchanged == MESSAGE_DIRS  # type: ignore[attr-defined]
+
+
+def test_a_previous_manifest_without_folder_times_means_a_full_check() -> None:
+    now = time.time_ns()
+    assert plan_folders(None, timedelta(days=7), now).times is None
+    assert plan_folders({}, timedelta(days=7), now).times is None  # an older mailsnap's
+    fields = {"listed_before": now, "full_check": now}
+    assert plan_folders(fields, timedelta(0), now).times is None
+    assert plan_folders(fields, timedelta(days=7), now).times == FolderTimes(now)
+    # A clock set back behind the last full check: check, rather than trust a future time.
+    assert plan_folders(fields, timedelta(days=7), now - 10**12).times is None
+
+
+def test_owner_mode_inode_and_ctime_all_count(tmp_path: Path) -> None:
+    folder = tmp_path / "cur"
+    folder.mkdir()
+    old = time.time() - 3600
+    os.utime(folder, (old, old))
+    info = os.lstat(folder)
+    times = FolderTimes(time.time_ns())
+    assert times.unchanged(directory_fields(info), info)
+    os.chmod(folder, 0o700)  # ctime and mode move, mtime does not
+    assert not times.unchanged(directory_fields(info), os.lstat(folder))
+    assert not times.unchanged(None, info)
+    renamed = tmp_path / "other"
+    folder.rename(renamed)
+    (tmp_path / "cur").mkdir()  # another directory under the same name: another inode
+    os.utime(tmp_path / "cur", (old, old))
+    assert not times.unchanged(directory_fields(os.lstat(renamed)), os.lstat(tmp_path / "cur"))
+
+
+def test_a_folder_holding_a_symlink_is_always_listed(
+    store: Path, tmp_path: Path, listed: list[str]
+) -> None:
+    os.symlink("elsewhere", store / ".Archive" / "cur" / "odd-link")
+    age(store)
+    backup(store, tmp_path / "one")
+    listed.clear()
+    backup(store, tmp_path / "two", tmp_path / "one")
+    assert message_dirs(listed) == [str(store / ".Archive" / "cur")]
+    assert diff_trees(store, tmp_path / "two") == []
+
+
+def test_a_damaged_previous_manifest_lists_everything(
+    store: Path, tmp_path: Path, listed: list[str]
+) -> None:
+    backup(store, tmp_path / "one")
+    manifest_of(tmp_path / "one").write_bytes(b"garbage")
+    listed.clear()
+    copier = backup(store, tmp_path / "two", tmp_path / "one")
+    assert len(message_dirs(listed)) == MESSAGE_DIRS
+    assert copier.stats.summary.bytes_written > 0  # type: ignore[attr-defined]
+    assert diff_trees(store, tmp_path / "two") == []
+
+
+def test_a_copy_out_of_an_unlisted_folder_stays_a_hard_link(
+    store: Path, tmp_path: Path, listed: list[str]
+) -> None:
+    """Dovecot's COPY hard-links a message under a new base name into another folder; the
+    folder it came from did not change and is not listed, yet the two names must stay one
+    file in the backup."""
+    backup(store, tmp_path / "one")
+    original = next((store / ".Sent" / "cur").iterdir())
+    os.link(original, store / ".Archive" / "cur" / "1800000002.M2P2.copy,S=168:2,S")
+    listed.clear()
+    copier = backup(store, tmp_path / "two", tmp_path / "one")
+    assert str(store / ".Sent" / "cur") not in listed
+    assert copier.stats.summary.hardlinked == 1  # type: ignore[attr-defined]
+    assert diff_trees(store, tmp_path / "two") == []
+
+
+# -- the live copier (no snapshot): the same, and a folder that moves during the run --------
+
+
+def live_backup(src: Path, dest: Path, previous: Path | None = None) -> MaildirCopier:
+    dest.mkdir()
+    copier = MaildirCopier(Runner(), frozen=False)
+    copier.stats = copier.copy(  # type: ignore[attr-defined]
+        src, dest, excludes=DEFAULT_EXCLUDES, manifest=manifest_of(dest),
+        previous=Previous(previous, manifest_of(previous)) if previous else None)
+    return copier
+
+
+@pytest.fixture
+def live_listed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every cur/ or new/ the live copier lists."""
+    seen: list[str] = []
+    real = os.listdir
+
+    def listdir(path: str | Path = ".") -> list[str]:
+        if os.path.basename(os.fspath(path)) in ("cur", "new"):
+            seen.append(os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(live_module.os, "listdir", listdir)
+    return seen
+
+
+def test_live_copy_takes_unchanged_folders_over(
+    store: Path, tmp_path: Path, live_listed: list[str]
+) -> None:
+    live_backup(store, tmp_path / "one")
+    assert live_listed
+    live_listed.clear()
+    copier = live_backup(store, tmp_path / "two", tmp_path / "one")
+    summary = copier.stats.summary  # type: ignore[attr-defined]
+    assert live_listed == []
+    assert (summary.folders_unchanged, summary.folders_listed) == (MESSAGE_DIRS, 0)
+    assert summary.bytes_written == 0
+    assert diff_trees(store, tmp_path / "two") == []
+
+
+def test_live_copy_lists_a_folder_that_moves_during_the_run(
+    store: Path, tmp_path: Path, live_listed: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Taken over unlisted in the first pass, a delivery into it before the second: the
+    second pass sees its new/ move and lists it; the message is in the backup."""
+    live_backup(store, tmp_path / "one")
+    real = live_module.LiveCopy.one_pass
+    passes = []
+    late = store / ".Sent" / "new" / "1800000003.M3P3.late,S=4"
+
+    def one_pass(self: live_module.LiveCopy) -> int:
+        passes.append(1)
+        if len(passes) == 2:
+            late.write_bytes(b"late")
+        return real(self)
+
+    monkeypatch.setattr(live_module.LiveCopy, "one_pass", one_pass)
+    live_listed.clear()
+    copier = live_backup(store, tmp_path / "two", tmp_path / "one")
+    assert live_listed and all(".Sent" in p for p in live_listed)
+    assert (tmp_path / "two" / ".Sent" / "new" / late.name).read_bytes() == b"late"
+    assert copier.stats.summary.folders_unchanged == MESSAGE_DIRS  # type: ignore[attr-defined]
+    assert diff_trees(store, tmp_path / "two", dir_mtimes=False) == []
+
+
+def test_live_copy_keeps_a_copy_out_of_an_unlisted_folder_a_hard_link(
+    store: Path, tmp_path: Path
+) -> None:
+    live_backup(store, tmp_path / "one")
+    original = next((store / ".Sent" / "cur").iterdir())
+    os.link(original, store / ".Archive" / "cur" / "1800000002.M2P2.copy,S=168:2,S")
+    copier = live_backup(store, tmp_path / "two", tmp_path / "one")
+    assert copier.stats.summary.hardlinked == 1  # type: ignore[attr-defined]
+    assert diff_trees(store, tmp_path / "two") == []

@@ -1,0 +1,338 @@
+"""Backups as btrfs subvolumes on a btrfs target (``target_snapshots = "auto"``, issue #12),
+with folder-level change detection, on real file systems (privileged tier): the source is a
+btrfs subvolume on one loop device (backend btrfs), the target the top level of a second btrfs
+file system, as a backup disk would be.
+
+Each backup must be exactly its snapshot (names, content, modes, owners, times, hard-link
+structure: tests/helpers/trees.py), a read-only subvolume, and the previous backup must be
+left as it was. The night's changes come from tests/test_incremental_btrfs.py's day of
+Dovecot, plus a folder renamed, a folder deleted, and a file that became a directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import json
+import os
+from pathlib import Path
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from tests.helpers.loopfs import BtrfsVolume, btrfs_volume, subvolumes
+from tests.helpers.maildir_writer import seed
+from tests.helpers.sshd import Sshd
+from tests.helpers.trees import diff_trees, snapshot_tree
+from tests.test_incremental_btrfs import (
+    ALICE,
+    BOB,
+    JOERG,
+    PLANS,
+    build_store,
+    change_store,
+    deliver,
+    maildir,
+    own,
+)
+
+pytestmark = [pytest.mark.privileged]
+
+JOB = "mail"
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[BtrfsVolume]:
+    """A second btrfs file system: the backup disk."""
+    work = tmp_path / "disk"
+    work.mkdir()
+    with btrfs_volume(work) as volume:
+        yield volume
+
+
+@pytest.fixture
+def source(btrfs: BtrfsVolume) -> Path:
+    return btrfs.mail / "S"
+
+
+def age(root: Path, seconds: float = 3600) -> None:
+    """Every directory last changed an hour ago (its ctime stays now)."""
+    then = time.time() - seconds
+    for dirpath, _dirs, _files in os.walk(root):
+        os.utime(dirpath, (then, then), follow_symlinks=False)
+
+
+def configure(tmp_path: Path, source: Path, target: Path, **extra: Any) -> Path:
+    lines = [f"name = {json.dumps(JOB)}", f"source = {json.dumps(str(source))}",
+             f"target = {json.dumps(str(target))}", 'backend = "btrfs"',
+             f"run_dir = {json.dumps(str(tmp_path / 'run'))}"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in extra.items()]
+    path = tmp_path / "mailsnap.toml"
+    path.write_text("[[job]]\n" + "\n".join(lines) + "\n")
+    return path
+
+
+def run(config: Path, *args: str, env: dict[str, str] | None = None,
+        ok: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "mailsnap", *args, "--config", str(config)],
+        capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, **(env or {})},
+    )
+    if ok:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def backup(config: Path, **kw: Any) -> tuple[dict[str, Any], str]:
+    done = run(config, "backup", "--json", **kw)
+    (entry,) = json.loads(done.stdout)["jobs"]
+    assert entry["status"] == "ok", done.stderr
+    return entry, done.stderr
+
+
+def exact(source: Path, backup_dir: Path) -> None:
+    differences = diff_trees(source, backup_dir / "mail")
+    assert not differences, "\n".join(differences)  # every line, not pytest's first
+
+
+def read_only(path: Path) -> bool:
+    out = subprocess.run(["btrfs", "property", "get", "-ts", str(path), "ro"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.strip() == "ro=true"
+
+
+def is_subvolume(path: Path) -> bool:
+    return os.lstat(path).st_ino == 256 and os.lstat(path).st_dev != os.lstat(path.parent).st_dev
+
+
+def image(path: Path) -> dict[str, Any]:
+    """Everything about a backup that must not change once it is published."""
+    tree = snapshot_tree(path / "mail", excludes=())
+    return {rel: (e.kind, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.sha256, e.target)
+            for rel, e in tree.entries.items()}
+
+
+def test_each_backup_is_a_read_only_subvolume_holding_exactly_its_snapshot(
+    source: Path, disk: BtrfsVolume, tmp_path: Path
+) -> None:
+    copies = build_store(source)
+    age(source)
+    config = configure(tmp_path, source, disk.top / "backups")
+    first, _ = backup(config)
+    b1 = Path(first["backup"])
+    assert is_subvolume(b1) and read_only(b1)
+    exact(source, b1)
+    before = image(b1)
+
+    changes = change_store(source, copies)
+    written = changes.written(source)
+    # A folder renamed (Dovecot's RENAME), one deleted, a file that became a directory.
+    os.rename(source / maildir(BOB, ".Sent"), source / maildir(BOB, ".Sent Items"))
+    shutil.rmtree(source / maildir(JOERG, PLANS))
+    sieve = source / ALICE / "sieve" / "main.sieve"
+    sieve.unlink()
+    sieve.mkdir()
+    own(sieve, 0o700)
+    second, err = backup(config)
+    b2 = Path(second["backup"])
+    assert is_subvolume(b2) and read_only(b2)
+    assert f"btrfs subvolume snapshot {b1} {b2.parent / (b2.name + '.partial')}" in err
+    exact(source, b2)
+    assert image(b1) == before  # the previous backup is untouched
+
+    copy = second["copy"]
+    # Untouched users' folders were taken over unlisted; the changed ones listed.
+    assert copy["folders_unchanged"] > 0 and copy["folders_listed"] > 0
+    assert copy["bytes_written"] == written
+    assert copy["renames"] >= len(changes.renamed)
+    assert copy["removed"] > 0  # expunged messages, the deleted folder, the old .Sent
+    # A renamed message is the same file as before: a snapshot keeps inode numbers.
+    for old, now in changes.renamed:
+        if (source / now).exists():
+            assert os.lstat(b2 / "mail" / now).st_ino == os.lstat(b1 / "mail" / old).st_ino
+
+    # The backup proves itself against its manifest, deep.
+    done = run(config, "verify", "--all", "--deep", "--json")
+    report = json.loads(done.stdout)
+    assert len(report["backups"]) == 2
+    assert [p for b in report["backups"] for p in b["problems"]] == [], done.stdout
+
+
+def test_a_quiet_night_lists_no_folder_and_writes_nothing(
+    source: Path, disk: BtrfsVolume, tmp_path: Path
+) -> None:
+    build_store(source)
+    age(source)
+    config = configure(tmp_path, source, disk.top / "backups")
+    backup(config)
+    second, _ = backup(config)
+    copy = second["copy"]
+    assert copy["folders_listed"] == 0 and copy["folders_unchanged"] > 0
+    assert (copy["copied"], copy["bytes_written"], copy["removed"]) == (0, 0, 0)
+    exact(source, Path(second["backup"]))
+
+
+def test_prune_deletes_whole_subvolumes(
+    source: Path, disk: BtrfsVolume, tmp_path: Path
+) -> None:
+    build_store(source)
+    config = configure(tmp_path, source, disk.top / "backups", keep_last=1)
+    first, _ = backup(config)
+    deliver(source, maildir(ALICE), 40, 1200)
+    second, err = backup(config)
+    b1, b2 = Path(first["backup"]), Path(second["backup"])
+    assert second["pruned"] == [b1.name]
+    assert f"btrfs subvolume delete {b1.parent / (b1.name + '.deleting')}" in err
+    assert not b1.exists() and not b1.with_name(b1.name + ".deleting").exists()
+    assert [p for p in subvolumes(disk.top) if p.startswith("backups/")] == [
+        f"backups/{JOB}/{b2.name}"]
+    exact(source, b2)
+
+
+def test_a_hard_link_store_turns_into_subvolumes_without_writing_its_data(
+    source: Path, disk: BtrfsVolume, tmp_path: Path
+) -> None:
+    build_store(source)
+    target = disk.top / "backups"
+    first, _ = backup(configure(tmp_path, source, target, target_snapshots="never"))
+    b1 = Path(first["backup"])
+    assert not is_subvolume(b1)
+    deliver(source, maildir(ALICE), 41, 3000)
+    second, err = backup(configure(tmp_path, source, target))
+    b2 = Path(second["backup"])
+    assert is_subvolume(b2) and "become btrfs subvolumes" in err
+    assert second["copy"]["bytes_written"] == 3000  # the rest is cloned from the old tree
+    exact(source, b2)
+    third, _ = backup(configure(tmp_path, source, target))
+    assert third["copy"]["bytes_written"] == 0
+    exact(source, Path(third["backup"]))
+
+
+def test_a_run_killed_mid_copy_leaves_the_previous_backup_as_it_was(
+    source: Path, disk: BtrfsVolume, tmp_path: Path
+) -> None:
+    build_store(source)
+    config = configure(tmp_path, source, disk.top / "backups")
+    first, _ = backup(config)
+    b1 = Path(first["backup"])
+    before = image(b1)
+    # Changes the killed run has started to apply: 40 MiB of new mail keep it copying
+    # until the fault fires, an expunged folder.
+    for number in range(50, 90):
+        deliver(source, maildir(BOB), number, 1 << 20)
+    shutil.rmtree(source / maildir(ALICE, ".Archive"))
+    killed = run(config, "backup", env={"MAILSNAP_FAULT": "mid-copy:SIGKILL"}, ok=False)
+    assert killed.returncode == -9
+    partials = list(b1.parent.glob("*.partial"))
+    assert partials and all(is_subvolume(p) for p in partials)
+    assert image(b1) == before
+    second, err = backup(config)
+    assert "left by an interrupted run" in err
+    assert not list(b1.parent.glob("*.partial"))
+    assert [p for p in subvolumes(disk.top) if p.endswith(".partial")] == []
+    exact(source, Path(second["backup"]))
+    assert image(b1) == before
+
+
+def test_a_damaged_manifest_in_the_previous_subvolume_means_a_full_copy(
+    source: Path, disk: BtrfsVolume, tmp_path: Path
+) -> None:
+    build_store(source)
+    config = configure(tmp_path, source, disk.top / "backups")
+    first, _ = backup(config)
+    b1 = Path(first["backup"])
+    subprocess.run(["btrfs", "property", "set", "-ts", str(b1), "ro", "false"], check=True)
+    manifest = b1 / "manifest.zst"
+    os.truncate(manifest, manifest.stat().st_size // 2)
+    (b1 / "mail" / maildir(ALICE) / "cur" / "stray-file").write_text("not in the manifest")
+    deliver(source, maildir(BOB), 60, 2500)
+    second, err = backup(config)
+    assert "full copy" in err
+    assert second["copy"]["linked"] == 0
+    exact(source, Path(second["backup"]))
+
+
+def test_a_delivery_right_after_the_snapshot_is_in_the_next_backup(
+    source: Path, disk: BtrfsVolume, tmp_path: Path
+) -> None:
+    """The after_snapshot hook delivers a message the instant the snapshot is taken, in the
+    same second: the first backup must not have it, the next one must (its folder's mtime
+    is within the clock slack of the first copy, so it is listed however it looks)."""
+    build_store(source)
+    age(source)
+    inbox = source / maildir(ALICE)
+    name = "1800000001.M1P1.late,S=11"
+    script = ("import os, sys; d = sys.argv[1]; "
+              f"open(os.path.join(d, 'tmp', {name!r}), 'w').write('late mail\\n\\n'[:11]); "
+              f"os.rename(os.path.join(d, 'tmp', {name!r}), os.path.join(d, 'new', {name!r}))")
+    config = configure(tmp_path, source, disk.top / "backups",
+                       after_snapshot=[sys.executable, "-c", script, str(inbox)])
+    first, _ = backup(config)
+    assert (inbox / "new" / name).exists()
+    assert not (Path(first["backup"]) / "mail" / maildir(ALICE) / "new" / name).exists()
+    (inbox / "new" / name).unlink()  # the hook must not deliver it again: keep it out
+    second_config = configure(tmp_path, source, disk.top / "backups")
+    deliver_again = inbox / "tmp" / name
+    deliver_again.write_text("late mail\n\n"[:11])
+    os.rename(deliver_again, inbox / "new" / name)
+    second, _ = backup(second_config)
+    assert (Path(second["backup"]) / "mail" / maildir(ALICE) / "new" / name).exists()
+    exact(source, Path(second["backup"]))
+
+
+def test_a_message_rewritten_in_place_is_found_by_the_full_check(
+    source: Path, disk: BtrfsVolume, tmp_path: Path
+) -> None:
+    """A foreign tool rewrites a message in place (same name and size, new mtime): its folder
+    does not change, so a nightly backup keeps the old copy; the full check lists every
+    folder and compares every message, and copies it."""
+    build_store(source)
+    age(source)
+    target = disk.top / "backups"
+    backup(configure(tmp_path, source, target))
+    victim = next((source / maildir(BOB) / "cur").iterdir())
+    victim.write_bytes(victim.read_bytes()[::-1])
+    nightly, _ = backup(configure(tmp_path, source, target))
+    assert nightly["copy"]["folders_listed"] == 0
+    full, _ = backup(configure(tmp_path, source, target, full_check_every="0s"))
+    assert full["copy"]["folders_unchanged"] == 0
+    assert full["copy"]["copied"] == 1
+    exact(source, Path(full["backup"]))
+
+
+@pytest.mark.offsite
+def test_an_ssh_destination_links_renamed_messages_from_subvolume_backups(
+    btrfs: BtrfsVolume, disk: BtrfsVolume, sshd: Sshd, tmp_path: Path
+) -> None:
+    """Subvolume backups share no hard links, so the SSH destination finds renamed and moved
+    messages by their manifest records instead: they are linked on the remote host, not
+    sent again."""
+    from datetime import timedelta
+
+    from tests.test_destination_ssh import START, backup_at, job_of, ssh_dest
+
+    source = btrfs.mail / "Maildir"
+    seed(source, per_folder=20, size=50_000)
+    remote = tmp_path / "remote"
+    job = job_of(source, disk.top / "backups", [ssh_dest(sshd, remote)], backend="btrfs")
+    first, _ = backup_at(job, START)
+    assert is_subvolume(disk.top / "backups" / JOB / first)
+    cur = sorted((source / "cur").iterdir())
+    for path in cur[:5]:  # flag changes
+        path.rename(path.with_name(path.name + "RS" if ":2," in path.name else path.name))
+    folder = next(p for p in source.iterdir() if p.name.startswith(".") and p.is_dir())
+    cur[5].rename(folder / "cur" / cur[5].name)  # a folder move
+    second, results = backup_at(job, START + timedelta(days=1))
+    assert results[0]["status"] == "ok"
+    local = disk.top / "backups" / JOB / second
+    assert is_subvolume(local)
+    new = remote / JOB / second / "mail"
+    assert diff_trees(local / "mail", new) == []
+    assert results[0]["bytes_sent"] < 50_000, results[0]  # no message sent again
+    renamed = next(p for p in (new / "cur").iterdir() if p.name.endswith("RS"))
+    assert renamed.stat().st_nlink >= 2  # the previous remote backup's file
+    assert (new / folder.name / "cur" / cur[5].name).stat().st_nlink >= 2
