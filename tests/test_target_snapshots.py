@@ -168,6 +168,9 @@ def test_a_quiet_night_lists_no_folder_and_writes_nothing(
     build_store(source)
     age(source)
     config = configure(tmp_path, source, disk.top / "backups")
+    checks = json.loads(run(config, "check", "--json").stdout)["checks"]
+    (kind,) = [c["detail"] for c in checks if c["check"] == "backups"]
+    assert kind.startswith("btrfs subvolumes") and "listed every 7d" in kind
     backup(config)
     second, _ = backup(config)
     copy = second["copy"]

@@ -260,6 +260,7 @@ def _check_job(job: Job, runner: Runner) -> list[dict[str, Any]]:
     except MailsnapError as exc:
         add("backend", False, str(exc))
         return rows
+    add("backups", True, _store_kind(job, runner, existing, backend.point_in_time))
     tools = list(backend.tools) + (["rsync"] if backend.point_in_time else [])
     missing = [t for t in tools if shutil.which(t) is None]
     add("tools", not missing, "missing: " + ", ".join(missing) if missing else ", ".join(tools)
@@ -275,6 +276,29 @@ def _check_job(job: Job, runner: Runner) -> list[dict[str, Any]]:
     add("privileges", root_ok, "root" if os.geteuid() == 0 else
         ("not root: fine for live" if root_ok else f"{backend.name} needs root"))
     return rows
+
+
+def _store_kind(job: Job, runner: Runner, target: Path, point_in_time: bool) -> str:
+    """How this job's backups are kept, in words (``target_snapshots``, ``full_check_every``)."""
+    from mailsnap import subvolumes
+
+    try:
+        btrfs = subvolumes.is_btrfs(runner, target)
+    except MailsnapError:
+        btrfs = False
+    if job.copier != "maildir":
+        return "hard-link trees (copier rsync: every folder listed every night)"
+    seconds = int(job.full_check_every.total_seconds())
+    every = next((f"{seconds // n}{unit}" for n, unit in ((86400, "d"), (3600, "h"), (60, "m"))
+                  if seconds % n == 0), f"{seconds}s")
+    folders = (f"unchanged folders taken over unlisted, all listed every {every}"
+               if seconds else "every folder listed")
+    if btrfs and job.target_snapshots == "auto" and point_in_time:
+        return (f"btrfs subvolumes: each backup a snapshot of the previous one with the "
+                f"night's changes, pruned by `btrfs subvolume delete`; {folders}")
+    why = ("target_snapshots = never" if btrfs and job.target_snapshots == "never" else
+           "a live copy" if btrfs else "the target is not on btrfs")
+    return f"hard-link trees ({why}); {folders}"
 
 
 def _check_destinations(job: Job, add: Callable[[str, bool, str], None]) -> None:

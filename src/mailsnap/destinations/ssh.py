@@ -245,8 +245,10 @@ class SshStore:
         hard link to a file of it under another name (a flag change, new/ → cur/, a folder
         move: the Maildir copier linked it) is hard-linked on the remote host from the
         previous remote backup before rsync runs, which then finds it up to date. rsync's
-        ``--link-dest`` alone matches by path and would send each again. A link that cannot
-        be made there (the remote backup differs) just leaves that file to rsync."""
+        ``--link-dest`` alone matches by path and would send each again. Backups that are
+        btrfs subvolumes share no hard links: there the two manifests say which file is which
+        (same record under another name in the same mailbox). A link that cannot be made
+        there (the remote backup differs) just leaves that file to rsync."""
         if source.local is None:
             return 0
         before = source.local.parent / previous / CONTENT
