@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Benchmark for issue #9 (fast rename-aware incremental backups): what a nightly backup of a
-Maildir store costs after no change, after flag renames and moves, and after new mail.
+"""Benchmark for issues #9 and #12 (incremental backups that cost what changed): what a
+nightly backup of a Maildir store costs after no change, after flag renames and moves, after
+new mail and after a busy day, and what removing the oldest backup costs.
 
     sudo PYTHONPATH=src .venv/bin/python scripts/bench_incremental.py [--quick]
-        [--messages 20000] [--repeat 3] [--full-repeat 1] [--cold] [--target-fs ext4|btrfs]
+        [--messages 20000] [--repeat 3] [--full-repeat 1] [--cold]
+        [--target-fs ext4|btrfs|source] [--scenarios full,nochange,renames,newmail,flags10,prune]
         [--methods mailsnap-maildir,mailsnap-rsync,rsync,doveadm] [--work /var/tmp]
         [--keep] [--json FILE]
+
+``scripts/plot_incremental.py`` draws the JSON files of several runs (sizes, target kinds).
 
 Needs root, btrfs-progs and rsync; doveadm (Debian: dovecot-core) is optional. ``--quick`` is a
 smoke run (1,000 messages, one repetition, well under a minute); 200,000 messages is the size
@@ -30,7 +34,11 @@ target:
 - ``renames``: before each repetition, 1 % of the messages get a flag change
   (``cur/X:2,S`` → ``cur/X:2,RS``), 0.5 % move to another folder of the same user under the
   same base name, 0.5 % of earlier deliveries move from ``new/`` to ``cur/``;
-- ``newmail``: before each repetition, 1 % new messages are delivered into ``new/``.
+- ``newmail``: before each repetition, 1 % new messages are delivered into ``new/``;
+- ``flags10``: before each repetition, 10 % of the messages get a flag change (a busy day);
+- ``prune``: each repetition removes the oldest backup of each method with history:
+  ``mailsnap prune`` of the job with ``keep_last`` one short (on a btrfs target a
+  ``btrfs subvolume delete``; else one unlink per file), ``rm -rf`` of rsync's oldest tree.
 
 A change set is applied once to the live source, then every method backs up that same state
 once, the methods in a rotating order (each takes its own snapshot; nothing changes between
@@ -74,7 +82,12 @@ snapshots, outside the timing: rsync does not flush its writes, mailsnap ``syncf
 target before publishing (that is in its time). ``--cold`` drops the page cache before every
 run. Targets are on the file system that holds ``--work`` (ext4 root here: btrfs source, ext4
 target, like the earlier measurements); ``--target-fs btrfs`` puts them on a second btrfs loop
-volume. Every loop device, mount and snapshot is removed on exit, also on Ctrl-C.
+volume, where mailsnap's backups are subvolumes (``target_snapshots``); ``--target-fs source``
+on the source's own btrfs beside the mail subvolume (new messages are reflinked: the full
+backup writes no message data, and the run needs half the disk). ``folders listed`` is
+mailsnap's own count of the ``cur/`` and ``new/`` it listed, of all it saw (the rest were
+unchanged and taken over unlisted). Every loop device, mount and snapshot is removed on exit,
+also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -132,7 +145,9 @@ FLAG_WEIGHTS = (70, 10, 8, 5, 2, 5)
 NEW_SHARE = 0.05  # of INBOX and list mail, still in new/ (not yet seen by a client), at least
 COPY_SHARE = 0.01  # messages also COPYed (hard-linked) into another folder
 METHODS = ("mailsnap-maildir", "mailsnap-rsync", "rsync", "doveadm")
-SCENARIOS = ("full", "nochange", "renames", "newmail")
+SCENARIOS = ("full", "nochange", "renames", "newmail", "flags10", "prune")
+# Share of the store each scenario changes (for the plot against the change rate).
+CHANGE_RATE = {"nochange": 0.0, "newmail": 0.01, "renames": 0.02, "flags10": 0.10}
 RSYNC_ROW = "rsync --link-dest"
 MiB = 1 << 20
 
@@ -534,6 +549,27 @@ def apply_renames(store: Store, rng: random.Random) -> dict[str, int]:
     return dict(done)
 
 
+def apply_flags(store: Store, rng: random.Random, share: float) -> dict[str, int]:
+    """``share`` of the messages get a flag change (a rename in cur/): a busy day."""
+    folders = store.folders()
+    changes: Counter[Folder] = Counter()
+    done = 0
+    for folder in _pick_by(rng, folders, lambda f: len(f.cur),
+                           max(1, round(store.messages() * share))):
+        if not folder.cur:
+            continue
+        base = folder.cur.pick(rng)
+        old = folder.flags[base]
+        new = toggle_flag(old, rng)
+        os.rename(folder.cur_file(base, old), folder.cur_file(base, new))
+        folder.flags[base] = new
+        changes[folder] += 1
+        done += 1
+    for folder, count in changes.items():
+        update_meta(store, folder, count, 0)
+    return {"flag_renames": done}
+
+
 def apply_newmail(store: Store, rng: random.Random) -> dict[str, int]:
     """1 % new messages into new/ (INBOX, some into a list folder), as LMTP delivers them."""
     count = max(1, round(store.messages() * 0.01))
@@ -699,6 +735,8 @@ class Method(Protocol):
 
     def wipe(self) -> None: ...
 
+    def prune(self) -> Outcome | None: ...
+
 
 class MailsnapMethod:
     def __init__(self, name: str, job: str, config: Path, target: Path, logs: Path,
@@ -724,8 +762,33 @@ class MailsnapMethod:
             report["copy"] = copy
         return Outcome(seconds, peak, Path(job["backup"]) / "mail", report=report)
 
+    def backups(self) -> list[Path]:
+        root = self.target / self.job
+        return sorted(p for p in root.iterdir() if p.name[:1].isdigit()
+                      and not p.name.endswith((".partial", ".deleting")))
+
+    def prune(self) -> Outcome | None:
+        """``mailsnap prune`` of the oldest backup: the job with ``keep_last`` one short."""
+        kept = len(self.backups()) - 1
+        config = self.logs / f"{self.name}-prune.toml"
+        config.write_text(self.config.read_text().replace(
+            f'name = "{self.job}"', f'name = "{self.job}"\nkeep_last = {kept}'))
+        out = self.logs / f"{self.name}-prune.json"
+        argv = [sys.executable, "-m", "mailsnap", "prune", "--config", str(config), "--job",
+                self.job, "--json"]
+        seconds, peak = run_child(argv, self.logs / f"{self.name}.log", env=self.env,
+                                  stdout=out)
+        removed = json.loads(out.read_text())["jobs"][0]["removed"]
+        if len(removed) != 1:
+            raise RuntimeError(f"mailsnap prune removed {removed}, not the oldest backup")
+        return Outcome(seconds, peak, self.backups()[-1] / "mail")
+
     def wipe(self) -> None:
-        shutil.rmtree(self.target / self.job, ignore_errors=True)
+        root = self.target / self.job
+        for path in root.iterdir() if root.is_dir() else ():
+            if os.lstat(path).st_ino == 256 and not path.is_symlink():  # a subvolume
+                sh("btrfs", "subvolume", "delete", str(path))
+        shutil.rmtree(root, ignore_errors=True)
 
 
 class RsyncMethod:
@@ -753,6 +816,13 @@ class RsyncMethod:
             deleted = self.snapshots.delete(snap)
         self.previous = new
         return Outcome(seconds, peak, new, snapshot_seconds=created + deleted)
+
+    def prune(self) -> Outcome | None:
+        """``rm -rf`` of the oldest tree: one unlink per file."""
+        oldest = sorted(self.target.iterdir())[0]
+        seconds, peak = run_child(["rm", "-rf", str(oldest)], self.logs / "rsync.log")
+        assert self.previous is not None
+        return Outcome(seconds, peak, self.previous)
 
     def wipe(self) -> None:
         shutil.rmtree(self.target, ignore_errors=True)
@@ -827,6 +897,9 @@ class DoveadmMethod:
         shutil.rmtree(self.target, ignore_errors=True)
         self._make_target()
 
+    def prune(self) -> Outcome | None:
+        return None  # a mirror: no history to prune
+
 
 @dataclass
 class Sample:
@@ -859,6 +932,15 @@ def measure(method: Method, known: set[Key], target_fs: Path, scenario: str,
         peak_rss_mib=outcome.peak_kib / 1024, written_bytes=written, copied=len(fresh),
         linked=len(files) - len(fresh), files=len(files), statvfs_delta_bytes=after - before,
         snapshot_seconds=outcome.snapshot_seconds, report=outcome.report)
+
+
+def measure_prune(method: Method, scenario: str, rep: int) -> Sample | None:
+    outcome = method.prune()
+    if outcome is None:
+        return None
+    return Sample(method=method.name, scenario=scenario, rep=rep, seconds=outcome.seconds,
+                  peak_rss_mib=outcome.peak_kib / 1024, written_bytes=0, copied=0, linked=0,
+                  files=0, statvfs_delta_bytes=0)
 
 
 def drop_caches() -> None:
@@ -951,19 +1033,32 @@ def summarize(samples: list[Sample], method_order: Sequence[str]) -> list[dict[s
                 "copied": statistics.median(s.copied for s in picked),
                 "linked": statistics.median(s.linked for s in picked),
                 "peak_rss_mib": max(s.peak_rss_mib for s in picked),
+                "folders_listed": _median_copy(picked, "folders_listed"),
+                "folders_unchanged": _median_copy(picked, "folders_unchanged"),
             })
     return rows
 
 
+def _median_copy(picked: list[Sample], key: str) -> float | None:
+    """A median of a key of mailsnap's own ``copy`` report (None for other methods)."""
+    found = [s.report["copy"][key] for s in picked
+             if s.report and isinstance(s.report.get("copy"), dict) and key in s.report["copy"]]
+    return statistics.median(found) if found else None
+
+
 def markdown(rows: list[dict[str, Any]], marks: dict[str, str]) -> str:
     out = ["| method | scenario | median s | × rsync | written MB | copied | linked "
-           "| peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+           "| folders listed | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "–" if r["ratio_to_rsync"] is None else f"{r['ratio_to_rsync']:.2f}"
+        listed = "–"
+        if r.get("folders_listed") is not None:
+            total = r["folders_listed"] + (r.get("folders_unchanged") or 0)
+            listed = f"{r['folders_listed']:.0f} of {total:.0f}"
         out.append(
             f"| {r['method']}{marks.get(r['method'], '')} | {r['scenario']} "
             f"| {r['median_seconds']:.2f} | {ratio} | {r['written_mb']:.1f} "
-            f"| {r['copied']:.0f} | {r['linked']:.0f} | {r['peak_rss_mib']:.0f} |")
+            f"| {r['copied']:.0f} | {r['linked']:.0f} | {listed} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(out)
 
 
@@ -981,8 +1076,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1000 messages, one repetition")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before runs")
-    parser.add_argument("--target-fs", choices=("ext4", "btrfs"), default="ext4",
-                        help="ext4: targets under --work; btrfs: on a second loop volume")
+    parser.add_argument("--target-fs", choices=("ext4", "btrfs", "source"), default="ext4",
+                        help="ext4: targets under --work; btrfs: on a second loop volume; "
+                        "source: on the source's own btrfs, beside the mail subvolume (new "
+                        "messages are reflinked, not written: half the disk of 'btrfs')")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--work", type=Path, default=Path("/var/tmp"),
@@ -990,6 +1087,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory (loop devices are detached anyway)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help=f"comma-separated, run in this order: {', '.join(SCENARIOS)}")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write raw numbers here")
     args = parser.parse_args()
     if args.quick:
@@ -998,6 +1097,9 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.methods) - set(METHODS)
     if unknown or not args.methods:
         parser.error(f"--methods: unknown {sorted(unknown)}; choose from {','.join(METHODS)}")
+    args.scenarios = [x.strip() for x in args.scenarios.split(",") if x.strip()]
+    if set(args.scenarios) - set(SCENARIOS) or args.scenarios[:1] != ["full"]:
+        parser.error(f"--scenarios: 'full' first, then any of {', '.join(SCENARIOS[1:])}")
     if args.messages < 100 or args.repeat < 1 or args.full_repeat < 1:
         parser.error("--messages must be at least 100, --repeat and --full-repeat at least 1")
     return args
@@ -1038,8 +1140,10 @@ def main() -> int:
         if not args.keep:
             stack.callback(shutil.rmtree, work, True)
         (work / "src").mkdir()
+        copies = sum(m in methods_wanted for m in METHODS)
+        on_source = copies + 1 if args.target_fs == "source" else 1
         src = stack.enter_context(btrfs_volume(work / "src", size=str(
-            max(2 << 30, int(estimate * 2.5) + (1 << 30)))))
+            max(2 << 30, int(estimate * 2.5 * on_source) + (1 << 30)))))
 
         def unmount_leftovers() -> None:  # e.g. a mailsnap run killed mid-way
             for target in sorted(mounts_under(work), key=len, reverse=True):
@@ -1049,12 +1153,14 @@ def main() -> int:
         stack.callback(unmount_leftovers)
         snapshots = Snapshots(src.top, src.mail)
         stack.callback(snapshots.close)
-        copies = sum(m in methods_wanted for m in METHODS)
         if args.target_fs == "btrfs":
             (work / "tgt").mkdir()
             tgt = stack.enter_context(btrfs_volume(
                 work / "tgt", size=str(int(estimate * (copies + 1) * 1.3) + (2 << 30))))
             targets = tgt.mail
+        elif args.target_fs == "source":
+            targets = src.top / "targets"
+            targets.mkdir(mode=0o711)
         else:
             targets = work / "targets"
             targets.mkdir(mode=0o711)
@@ -1111,7 +1217,7 @@ def main() -> int:
                 notes.append(f"doveadm backup skipped: building its index failed: {exc}"[:500])
         known: dict[str, set[Key]] = {m.name: set() for m in methods}
 
-        for si, scenario in enumerate(SCENARIOS):
+        for si, scenario in enumerate(s for s in SCENARIOS if s in args.scenarios):
             reps = args.full_repeat if scenario == "full" else args.repeat
             for rep in range(reps):
                 change: dict[str, Any] = {"scenario": scenario, "rep": rep + 1}
@@ -1124,6 +1230,8 @@ def main() -> int:
                     change |= apply_renames(store, rng)
                 elif scenario == "newmail":
                     change |= apply_newmail(store, rng)
+                elif scenario == "flags10":
+                    change |= apply_flags(store, rng, 0.10)
                 change["messages"] = store.messages()
                 change["apply_seconds"] = round(time.perf_counter() - started, 3)
                 changes.append(change)
@@ -1137,7 +1245,14 @@ def main() -> int:
                     if args.cold:
                         drop_caches()
                     try:
-                        sample = measure(method, known[method.name], targets, scenario, rep + 1)
+                        if scenario == "prune":
+                            pruned = measure_prune(method, scenario, rep + 1)
+                            if pruned is None:
+                                continue
+                            sample = pruned
+                        else:
+                            sample = measure(method, known[method.name], targets, scenario,
+                                             rep + 1)
                     except RuntimeError as exc:  # its history is broken now: drop it
                         log(f"  {method.name} FAILED, dropped from the rest of the run: {exc}")
                         notes.append(f"{method.name} failed in {scenario} {rep + 1} and was "
