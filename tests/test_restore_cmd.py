@@ -241,8 +241,11 @@ def test_folder_names_that_walk_are_refused(name: str) -> None:
 
 def test_into_a_path_keeps_each_messages_mode(store: dict[str, Path], tmp_path: Path) -> None:
     bob = store["source"] / "example.org/bob/Maildir"
-    victim = sorted((bob / "cur").iterdir())[0]
+    victim, other = sorted((bob / "cur").iterdir())[:2]
     os.chmod(victim, 0o640)
+    # A chmod does not change its folder, which the next backup would take over unlisted until
+    # the weekly full check (tests/test_folder_changes.py); a flag change in it that night does.
+    other.rename(other.with_name(other.name + "T"))
     run = mailsnap("backup", "--config", store["config"], "--quiet")
     assert run.returncode == 0, run.stderr
     out = tmp_path / "out"
