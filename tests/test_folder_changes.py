@@ -43,11 +43,12 @@ def age(root: Path, seconds: float = 3600) -> None:
 
 
 def backup(src: Path, dest: Path, previous: Path | None = None,
-           every: timedelta = timedelta(days=7)) -> MaildirCopier:
+           every: timedelta = timedelta(days=7),
+           excludes: tuple[str, ...] = DEFAULT_EXCLUDES) -> MaildirCopier:
     dest.mkdir()
     copier = MaildirCopier(Runner(), frozen=True, full_check_every=every)
     copier.stats = copier.copy(  # type: ignore[attr-defined]
-        src, dest, excludes=DEFAULT_EXCLUDES, manifest=manifest_of(dest),
+        src, dest, excludes=excludes, manifest=manifest_of(dest),
         previous=Previous(previous, manifest_of(previous)) if previous else None)
     return copier
 
@@ -189,6 +190,10 @@ def test_a_previous_manifest_without_folder_times_means_a_full_check() -> None:
     assert plan_folders(fields, timedelta(days=7), now).times == FolderTimes(now)
     # A clock set back behind the last full check: check, rather than trust a future time.
     assert plan_folders(fields, timedelta(days=7), now - 10**12).times is None
+    # Other exclude patterns than the previous backup's: its unlisted folders may hold what
+    # is excluded now, or lack what no longer is.
+    assert plan_folders({**fields, "excludes": 1}, timedelta(days=7), now, 1).times is not None
+    assert plan_folders({**fields, "excludes": 1}, timedelta(days=7), now, 2).times is None
 
 
 def test_owner_mode_inode_and_ctime_all_count(tmp_path: Path) -> None:
@@ -324,3 +329,16 @@ def test_live_copy_keeps_a_copy_out_of_an_unlisted_folder_a_hard_link(
     copier = live_backup(store, tmp_path / "two", tmp_path / "one")
     assert copier.stats.summary.hardlinked == 1  # type: ignore[attr-defined]
     assert diff_trees(store, tmp_path / "two") == []
+
+
+def test_new_exclude_patterns_list_every_folder(
+    store: Path, tmp_path: Path, listed: list[str]
+) -> None:
+    backup(store, tmp_path / "one")
+    victim = next((store / ".Sent" / "cur").iterdir())
+    listed.clear()
+    copier = backup(store, tmp_path / "two", tmp_path / "one",
+                    excludes=(*DEFAULT_EXCLUDES, victim.name))
+    assert len(message_dirs(listed)) == MESSAGE_DIRS
+    assert not (tmp_path / "two" / ".Sent" / "cur" / victim.name).exists()
+    assert copier.stats.summary.folders_unchanged == 0  # type: ignore[attr-defined]

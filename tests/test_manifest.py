@@ -129,3 +129,42 @@ def test_records_of_a_whole_manifest(tmp_path: Path) -> None:
     assert records[1] == ["S", "a"]
     assert records[2][:3] == ["F", "a/x", "copied"]
     assert records[-1] == ["E", "1"]
+
+
+def record(name: str) -> str:
+    return f"F\t{escape(name)}\tcopied\t{file_tail(len(name), 1, 0o600, 0, 0, 'ab')}\n"
+
+
+def test_messages_have_a_frame_of_their_own_read_only_when_needed(tmp_path: Path) -> None:
+    path = tmp_path / "m.zst"
+    writer = ManifestWriter(path)
+    head = ["D\tu/Maildir\t700\t0\t0\t1\t1\t1\n", record("u/Maildir/dovecot-uidlist")]
+    messages = [record(f"u/Maildir/cur/{n}.M1,S=5:2,S") for n in range(3)]
+    writer.section("u/Maildir", head, (4, 100, 3), (len(messages), messages))
+    writer.close()
+    earlier = PreviousManifest(path)
+    section = earlier.section("u/Maildir")
+    assert section is not None and earlier.damaged is None
+    assert section.counts == (4, 100, 3) and section.records == 2 + 2 + 3  # D, F, C, M + 3
+    assert section.tail("u/Maildir/dovecot-uidlist") is not None
+    assert not section.messages_frame_read  # a file that is not a message: no decompression
+    assert len(section.files) == 4 and section.messages_frame_read
+    assert read_records(path)[-1] == ["E", str(section.records)]
+
+
+def test_a_section_is_reused_frame_for_frame(tmp_path: Path) -> None:
+    first, second = tmp_path / "1.zst", tmp_path / "2.zst"
+    writer = ManifestWriter(first)
+    messages = [record(f"u/cur/{n}.M1,S=5:2,S") for n in range(5)]
+    writer.section("u", ["D\tu\t700\t0\t0\t1\t1\t1\n"], (5, 50, 5), (5, messages))
+    writer.close()
+    earlier = PreviousManifest(first)
+    section = earlier.section("u")
+    assert section is not None
+    writer = ManifestWriter(second)
+    writer.reuse(section)
+    writer.close()
+    earlier.close()
+    assert first.read_bytes() == second.read_bytes()
+    again = PreviousManifest(second).section("u")
+    assert again is not None and len(again.files) == 5

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from mailsnap.manifest import read_records
 from tests.helpers.loopfs import BtrfsVolume, btrfs_volume, subvolumes
 from tests.helpers.maildir_writer import seed
 from tests.helpers.sshd import Sshd
@@ -171,12 +172,19 @@ def test_a_quiet_night_lists_no_folder_and_writes_nothing(
     checks = json.loads(run(config, "check", "--json").stdout)["checks"]
     (kind,) = [c["detail"] for c in checks if c["check"] == "backups"]
     assert kind.startswith("btrfs subvolumes") and "listed every 7d" in kind
-    backup(config)
+    first, _ = backup(config)
     second, _ = backup(config)
     copy = second["copy"]
     assert copy["folders_listed"] == 0 and copy["folders_unchanged"] > 0
     assert (copy["copied"], copy["bytes_written"], copy["removed"]) == (0, 0, 0)
+    assert (second["messages"], second["files"], second["bytes"]) == (
+        first["messages"], first["files"], first["bytes"])
     exact(source, Path(second["backup"]))
+    # Every mailbox was as it was: each manifest section is the previous one, whole.
+    b1, b2 = Path(first["backup"]), Path(second["backup"])
+    assert read_records(b2 / "manifest.zst")[:-1] == read_records(b1 / "manifest.zst")[:-1]
+    done = run(config, "verify", "--deep", "--json")
+    assert [p for b in json.loads(done.stdout)["backups"] for p in b["problems"]] == []
 
 
 def test_prune_deletes_whole_subvolumes(

@@ -11,7 +11,9 @@ UTF-8 are kept as they are (surrogate escapes), so any Maildir folder name round
     D  <path>  <mode>  <uid>  <gid>  <mtime_ns>  <ctime_ns>  <inode>
     F  <path>  <how>  <size>  <mtime_ns>  <mode>  <uid>  <gid>  <sha256>
     L  <path>  <link target>  <uid>  <gid>  <mtime_ns>
-    E  <records>  [listed_before=<ns>  full_check=<ns>]
+    M  <records>                           the section's messages follow in a frame of their own
+    C  <files>  <bytes>  <messages>        the section's totals (newer manifests)
+    E  <records>  [listed_before=<ns>  full_check=<ns>  excludes=<crc32>]
 
 ``how`` is ``copied`` (written, hashed now), ``reflinked`` (a new file sharing the snapshot's
 extents when both are on one btrfs or XFS: hashed, nothing written), ``linked`` (a hard link to
@@ -25,6 +27,14 @@ source (``listed_before``: no later than the snapshot, or the live copy's start;
 whose mtime is within the clock's resolution of it may have changed again unseen, see
 ``mailsnap.copiers.changes``) and when the last copy that listed every folder and compared
 every message ran (``full_check``), both in ns since the epoch.
+
+Newer manifests write a section as two frames: directories, symlinks and the files that are
+not messages, then (announced by the ``M`` record) the records of the files in its ``cur/``
+and ``new/``; a reader decompresses the second only when it needs a message's record. A
+section whose mailbox did not change at all since the previous backup (a backup that started
+as a snapshot of it, ``target_snapshots``) is the previous manifest's frames, copied as they
+are: its records, ``how`` included, say how each file came into the backup that first wrote
+them.
 
 Records come in sections: one per mailbox (everything below a user's Maildir root, all its
 folders), or one per directory outside any Maildir. Sections are written in the copy's walk
@@ -65,6 +75,7 @@ REFLINKED = "reflinked"
 # adds to the peak memory of a run.
 WRITE_LINES = 1024
 READ_CHARS = 1 << 16
+READ_BYTES = 1 << 16
 
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n"}
 _NEEDS_ESCAPE = re.compile(r"[\\\t\n]")
@@ -177,10 +188,25 @@ class ManifestWriter:
         self._zstd.flush(zstandard.FLUSH_FRAME)
         return count
 
-    def section(self, key: str, lines: Iterable[str]) -> None:
+    def section(self, key: str, lines: Iterable[str],
+                counts: tuple[int, int, int] | None = None,
+                messages: tuple[int, Iterable[str]] | None = None) -> None:
         """One section: ``lines`` are complete ``D``/``F``/``L`` records (newline included),
-        a list or made as they are written."""
-        self.records += self._frame(itertools.chain((f"S\t{escape(key)}\n",), lines)) - 1
+        a list or made as they are written; ``counts`` (files, bytes, messages) its totals;
+        ``messages`` (how many, and the records) the F records of its cur/ and new/, in a
+        frame of their own."""
+        tail = [f"C\t{counts[0]}\t{counts[1]}\t{counts[2]}\n"] if counts is not None else []
+        if messages is not None and messages[0]:
+            tail.append(f"M\t{messages[0]}\n")
+        self.records += self._frame(itertools.chain((f"S\t{escape(key)}\n",), lines, tail)) - 1
+        if messages is not None and messages[0]:
+            self.records += self._frame(messages[1])
+
+    def reuse(self, section: Section) -> None:
+        """A section of the previous manifest, whole: its zstd frames as they were."""
+        self._raw.write(section.frame)
+        self._raw.write(section.messages_frame)
+        self.records += section.records
 
     def close(self) -> None:
         extra = "".join(f"\t{key}={value}" for key, value in self.end_fields.items())
@@ -204,8 +230,19 @@ class Section:
     on first use: a night with no renames never needs it)."""
 
     key: str
-    files: dict[str, str] = field(default_factory=dict)  # path → file_tail
     directories: dict[str, str] = field(default_factory=dict)  # path → rest of the D record
+    # The section's zstd frame as it is in the file, its record count and its C record
+    # (files, bytes, messages): what a copy needs to reuse it whole.
+    frame: bytes = b""
+    records: int = 0
+    counts: tuple[int, int, int] | None = None
+    messages_frame: bytes = b""  # compressed, decompressed on first use of ``files``
+    # F records, parsed on first use: a mailbox taken over whole never needs them. Those not
+    # directly in a cur/ or new/ (dovecot-uidlist, index files …) are parsed at once.
+    _lines: list[str] = field(default_factory=list)
+    _files: dict[str, str] | None = None
+    _plain: dict[str, str] = field(default_factory=dict)
+    messages_frame_read: bool = False
     # Directories holding a symlink (``L`` records are not kept): never taken over unlisted.
     symlinks: set[str] = field(default_factory=set)
     # base name → its path, or its paths when there are several (rare: a list for every
@@ -213,6 +250,28 @@ class Section:
     _by_base: dict[str, str | list[str]] | None = None
     _by_directory: dict[str, list[str]] | None = None
     _parents: set[str] | None = None
+
+    @property
+    def files(self) -> dict[str, str]:
+        """path → file_tail, for every F record."""
+        if self._files is None:
+            files: dict[str, str] = {}
+            lines = self._lines
+            if self.messages_frame:
+                lines = lines + _decompress(self.messages_frame).split("\n")[:-1]
+                self.messages_frame_read = True
+            for line in lines:
+                _kind, path, _how, tail = line.split("\t", 3)
+                files[unescape(path) if "\\" in path else path] = tail
+            self._files = files
+            self._lines = []
+        return self._files
+
+    def tail(self, path: str) -> str | None:
+        """The record tail of ``path`` (a file that is not a message: without parsing the
+        messages' records)."""
+        found = self._plain.get(path)
+        return found if found is not None else self.files.get(path)
 
     def has_subdirectories(self, rel: str) -> bool:
         """Whether the previous backup held a directory inside ``rel`` (then ``rel`` was no
@@ -282,6 +341,65 @@ def _read_text(path: Path) -> tuple[IO[bytes], io.TextIOWrapper]:
     return raw, text
 
 
+def _frame_length(data: bytes | bytearray) -> int | None:
+    """The length of the zstd frame at the start of ``data``, found from its block headers
+    without decompressing it; None if ``data`` ends before the frame does."""
+    import zstandard
+
+    if len(data) < 18:  # magic and the longest frame header
+        try:
+            start = zstandard.frame_header_size(bytes(data))
+        except zstandard.ZstdError:
+            return None
+    else:
+        start = zstandard.frame_header_size(bytes(data[:18]))
+    if len(data) < start:
+        return None
+    checksum = 4 if zstandard.get_frame_parameters(bytes(data[:start])).has_checksum else 0
+    at = start
+    while True:
+        if len(data) < at + 3:
+            return None
+        header = data[at] | data[at + 1] << 8 | data[at + 2] << 16
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        if kind == 3:
+            raise ValueError("a zstd block of a reserved type")
+        at += 3 + (1 if kind == 1 else size)  # an RLE block holds one byte
+        if last:
+            end = at + checksum
+            return end if len(data) >= end else None
+
+
+def _frames(raw: IO[bytes]) -> Iterator[bytes]:
+    """Each zstd frame of a manifest, as its bytes in the file."""
+    data = bytearray()
+    while True:
+        length = _frame_length(data) if data else None
+        while length is None:
+            chunk = raw.read(READ_BYTES)
+            if not chunk:
+                if data:
+                    raise ValueError("truncated: a frame without its end")
+                return
+            data += chunk
+            length = _frame_length(data)
+        yield bytes(data[:length])
+        del data[:length]
+
+
+def _decompress(frame: bytes) -> str:
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompressobj().decompress(frame).decode(
+        "utf-8", "surrogateescape")
+
+
+def _is_message_record(line: str) -> bool:
+    """An F record of a file directly in a ``cur/`` or ``new/`` (a guess that may say yes for
+    a few others: those are then parsed with the messages, on first use)."""
+    return "/cur/" in line or "/new/" in line or line.startswith(("F\tcur/", "F\tnew/"))
+
+
 class PreviousManifest:
     """Reads a manifest section by section, in step with a walk in the same order.
 
@@ -302,10 +420,11 @@ class PreviousManifest:
         self._done = False
         try:
             self.end_fields = _check_whole(path)
-            self._raw, self._text = _read_text(path)
-            head = self._text.readline()
-        except (OSError, ValueError) as exc:
-            self._fail(f"cannot read {path}: {exc}")
+            self._raw = path.open("rb")
+            self._frames = _frames(self._raw)
+            head = _decompress(next(self._frames))
+        except (OSError, ValueError, StopIteration) as exc:
+            self._fail(f"cannot read {path}: {exc!r}")
             return
         except Exception as exc:  # zstd errors have no common base we can import lazily
             self._fail(f"{path} is damaged: {exc}")
@@ -313,7 +432,6 @@ class PreviousManifest:
         if head.rstrip("\n").split("\t") != [MAGIC, VERSION]:
             self._fail(f"{path} is not a mailsnap manifest of version {VERSION}")
             return
-        self._lines = self._records()
 
     def _fail(self, reason: str) -> None:
         self.damaged = reason
@@ -322,55 +440,55 @@ class PreviousManifest:
         self._cache.clear()
 
     def close(self) -> None:
-        if hasattr(self, "_text"):
-            self._text.close()
+        if hasattr(self, "_raw"):
             self._raw.close()
 
-    def _records(self) -> Iterator[str]:
-        """Record lines without their newline. Read in large chunks and split in C: this is
-        the whole cost of reading a 200,000-record manifest, so no per-line reads."""
-        pending = ""
-        while chunk := self._text.read(READ_CHARS):
-            lines = (pending + chunk).split("\n")
-            pending = lines.pop()
-            yield from lines
-        if pending:
-            raise ValueError("truncated record")
-
     def _next_section(self) -> Section | None:
-        """Read the next whole section (through the start of the one after it, so the zstd
-        frame holding it has been checksummed), or None at a verified end."""
+        """Read the next section (one zstd frame, checksummed as it is decompressed), or None
+        at a verified end. Lines are split in C and only D, L and C records, and F records of
+        files that are not messages, are parsed now."""
         if self._done:
             return None
         try:
-            section = self._pending
-            files = section.files if section is not None else {}
-            for line in self._lines:
-                kind = line[:2]
-                if kind == "F\t":
-                    _kind, path, _how, tail = line.split("\t", 3)
-                    files[unescape(path) if "\\" in path else path] = tail
-                elif kind == "S\t":
-                    self._pending = Section(unescape(line[2:]))
-                    if section is not None:
-                        return section
-                    section = self._pending
-                    files = section.files
-                elif section is None:
-                    raise ValueError(f"record before any section: {line[:20]!r}")
-                elif kind == "D\t":
-                    _kind, path, rest = line.split("\t", 2)
-                    section.directories[unescape(path)] = rest
-                elif kind == "L\t":
-                    # Symlinks are re-read from the source every time, so their directory is.
-                    path = unescape(line.split("\t", 2)[1])
-                    section.symlinks.add(parent_of(path))
-                elif kind == "E\t":
+            for frame in self._frames:
+                lines = _decompress(frame).split("\n")
+                if lines.pop() != "":
+                    raise ValueError("a frame that does not end with a whole record")
+                first = lines[0] if lines else ""
+                if first.startswith("E\t"):
                     self._done = True
-                    self._pending = None
-                    return section
-                else:
-                    raise ValueError(f"unknown record {line[:20]!r}")
+                    return None
+                if not first.startswith("S\t"):
+                    raise ValueError(f"a frame that is not a section: {first[:20]!r}")
+                section = Section(unescape(first[2:]), frame=frame, records=len(lines) - 1)
+                messages = section._lines
+                plain = section._plain
+                for line in itertools.islice(lines, 1, None):
+                    kind = line[:2]
+                    if kind == "F\t":
+                        if _is_message_record(line):
+                            messages.append(line)
+                        else:
+                            _kind, path, _how, tail = line.split("\t", 3)
+                            plain[unescape(path)] = tail
+                            messages.append(line)  # in the full parse too
+                    elif kind == "D\t":
+                        _kind, path, rest = line.split("\t", 2)
+                        section.directories[unescape(path)] = rest
+                    elif kind == "L\t":
+                        # Symlinks are re-read from the source every time, so their directory is.
+                        path = unescape(line.split("\t", 2)[1])
+                        section.symlinks.add(parent_of(path))
+                    elif kind == "C\t":
+                        files, size, count = line[2:].split("\t")
+                        section.counts = (int(files), int(size), int(count))
+                    elif kind == "M\t":
+                        # The messages' own frame: kept compressed until a record is needed.
+                        section.messages_frame = next(self._frames)
+                        section.records += int(line[2:])
+                    else:
+                        raise ValueError(f"unknown record {line[:20]!r}")
+                return section
             raise ValueError("truncated: no end line")
         except (ValueError, IndexError, UnicodeError, OSError) as exc:
             self._fail(f"{self.path} is damaged ({exc})")
@@ -382,21 +500,25 @@ class PreviousManifest:
         if key in self._cache:
             return self._cache[key]
         want = section_key(key)
-        while not self._done or self._pending is not None:
+        while True:
             head = self._pending
-            if head is not None and section_key(head.key) > want:
+            if head is None:
+                head = self._pending = self._next_section()
+                if head is None:
+                    return None
+            if section_key(head.key) > want:
                 return None  # a new mailbox, not in the previous backup
-            found = self._next_section()
-            if found is None:
-                return None
+            self._pending = None
             if self.keep:
-                self._cache[found.key] = found
-            if found.key == key:
-                return found
-        return None
+                self._cache[head.key] = head
+            if head.key == key:
+                return head
 
     def all_sections(self) -> Iterator[Section]:
         """Every section, in order (verify, list). Stops early, with ``damaged`` set, on damage."""
+        if self._pending is not None:
+            yield self._pending
+            self._pending = None
         while (found := self._next_section()) is not None:
             yield found
 

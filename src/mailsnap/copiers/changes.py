@@ -21,17 +21,20 @@ The holes, and how they are closed:
 * Files at a folder's root (``dovecot-uidlist``, ``dovecot.index*``) are rewritten in place:
   those directories are never taken over, only ``cur/`` and ``new/`` are.
 * A directory holding a symlink (not a Maildir message; its record is not kept) is listed.
+* Exclude patterns that changed since the previous backup: every folder is listed.
 
 ``st_dev`` differs between two snapshots of one file system, so it is not compared.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 import logging
 import os
 import stat
+import zlib
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +74,22 @@ class FolderPlan:
     reason: str
 
 
-def plan_folders(end_fields: dict[str, int] | None, every: timedelta, now_ns: int) -> FolderPlan:
+def excludes_fingerprint(patterns: Sequence[str]) -> int:
+    """A checksum of the job's exclude patterns: a folder taken over unlisted keeps what the
+    previous backup kept, which is only right if the same names are left out."""
+    return zlib.crc32("\0".join(patterns).encode("utf-8", "surrogateescape"))
+
+
+def plan_folders(end_fields: dict[str, int] | None, every: timedelta, now_ns: int,
+                 excludes: int | None = None) -> FolderPlan:
     """Whether this copy may take unchanged folders over, from the previous manifest's end
-    line (None: there is no usable previous manifest)."""
+    line (None: there is no usable previous manifest) and this job's ``excludes``
+    fingerprint."""
     if end_fields is None:
         return FolderPlan(None, now_ns, "no previous manifest")
+    if excludes is not None and end_fields.get("excludes") != excludes:
+        return FolderPlan(None, now_ns, "full check: the exclude patterns are not those of "
+                          "the previous backup")
     listed_before = end_fields.get("listed_before")
     last_full = end_fields.get("full_check")
     if listed_before is None or last_full is None:

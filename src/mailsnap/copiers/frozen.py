@@ -37,7 +37,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-import contextlib
 from dataclasses import dataclass, field
 import errno
 import functools
@@ -176,9 +175,18 @@ class _Section:
     # (never a source for such a link).
     removals: list[str] = field(default_factory=list)
     replaced: set[str] = field(default_factory=set)
+    # Held while a name is replaced, and while a link is made from a previous file's name:
+    # a link made first gets the previous file, one made after sees the name in ``replaced``.
+    lock: threading.Lock = field(default_factory=threading.Lock)
     # Message directories taken over unlisted: their inodes are unknown until a new hard
     # link in the source asks for them (``_find_inode``).
     taken_over: list[str] = field(default_factory=list)
+    # In place: whether anything of this section differs from the previous backup's (else
+    # its manifest frame is reused whole), its directories seen, and the unlisted message
+    # directories whose records are made only if it does.
+    changed: bool = False
+    dirs: int = 0
+    unlisted: list[str] = field(default_factory=list)
 
 
 class FrozenCopy:
@@ -354,6 +362,17 @@ class FrozenCopy:
     def _close(self, section: _Section) -> None:
         """Wait for the section's tasks, settle its deferred hard links, write its records."""
         self._drain(section)
+        previous = section.previous
+        if section.removals:
+            section.changed = True
+        if (self.in_place and self.manifest is not None and previous is not None
+                and not section.changed and previous.counts is not None and previous.frame
+                and section.dirs == len(previous.directories)):
+            self._reuse(section, previous)
+            return
+        for rel in section.unlisted:
+            assert previous is not None
+            section.results.append(self._takeover(rel, previous.in_directory(rel), section))
         results = [section.head, *section.results]
         late = _Result()
         for result in results:
@@ -376,8 +395,31 @@ class FrozenCopy:
             summary.reflinked += result.reflinked
         self.stats.linked = summary.linked + summary.hardlinked
         if self.manifest is not None and any(r.lines or r.fast_paths for r in results):
-            self.manifest.section(section.key,
-                                  itertools.chain.from_iterable(r.records() for r in results))
+            counts = (sum(r.files for r in results), sum(r.bytes for r in results),
+                      sum(r.messages for r in results))
+            # Directories and files that are not messages first; the messages (the tasks'
+            # records) in a frame of their own, which the next run reads only if it must.
+            messages = results[1:]
+            self.manifest.section(
+                section.key, section.head.records(), counts,
+                (sum(len(r.fast_paths) + len(r.lines) for r in messages),
+                 itertools.chain.from_iterable(r.records() for r in messages)))
+        self._report(force=True)
+
+    def _reuse(self, section: _Section, previous: Section) -> None:
+        """In place, a section that is as it was in the previous backup, directory for
+        directory and file for file: nothing was done on disk, and its manifest frame is
+        the previous one. (Its records are never parsed: a quiet night costs per mailbox.)"""
+        assert self.manifest is not None and previous.counts is not None
+        files, size, messages = previous.counts
+        self.stats.files += files
+        self.stats.bytes += size
+        self.stats.messages = (self.stats.messages or 0) + messages
+        summary = self.stats.summary
+        summary.linked += files
+        summary.bytes_linked += size
+        self.stats.linked = summary.linked + summary.hardlinked
+        self.manifest.reuse(previous)
         self._report(force=True)
 
     def _drain(self, section: _Section) -> None:
@@ -399,15 +441,16 @@ class FrozenCopy:
             assert previous is not None
             self.stats.summary.folders_unchanged += 1
             section.taken_over.append(rel)
+            if self.in_place:  # already there: its records only if the section changed
+                section.unlisted.append(rel)
+                return
             paths = previous.in_directory(rel)
             for start in range(0, len(paths), CHUNK_MESSAGES):
                 chunk = paths[start : start + CHUNK_MESSAGES]
-                if self.in_place:  # already there: nothing to do but the records
-                    section.results.append(self._takeover(rel, chunk, section))
-                else:
-                    section.tasks.append((rel, functools.partial(self._takeover, rel, chunk,
-                                                                 section)))
+                section.tasks.append((rel, functools.partial(self._takeover, rel, chunk,
+                                                             section)))
             return
+        section.changed = True
         self.stats.summary.folders_listed += 1
         # Linking by name alone trusts that owner and mode are what they were; a directory
         # whose owner or mode changed says they may not be.
@@ -585,18 +628,18 @@ class FrozenCopy:
                 result.link(child, tail, info.st_size, renamed=False)
                 self._remember(section, info, child, tail)
                 return
-            self._clear(f"{dst_dir}/{name}")
-            section.replaced.add(child)
+            self._replace(section, child)
         if previous is not None and self.previous is not None:
             for old in self._candidates(previous, child, name):
-                if old in section.replaced:
-                    continue
                 tail = previous.files[old]
                 if not same_file(tail, info):
                     continue  # same base name, other content or owner: not this message
                 if not self.dry_run:
                     try:
-                        self._link_previous(self._prev(old), f"{dst_dir}/{name}")
+                        with section.lock:
+                            if old in section.replaced:
+                                continue
+                            self._link_previous(self._prev(old), f"{dst_dir}/{name}")
                     except FileNotFoundError:
                         continue
                 result.link(child, tail, info.st_size, renamed=old != child)
@@ -695,17 +738,20 @@ class FrozenCopy:
         except OSError as exc:
             raise CopyFailed(f"cannot read {src}: {exc.strerror}") from None
         if stat.S_ISLNK(info.st_mode):
+            section.changed = True  # its L record is not kept: the section is written anew
             if self.in_place:
                 self._clear(self._dst(rel))
             target = os.readlink(src) if self.dry_run else copy_symlink(src, self._dst(rel), info)
-            result.lines.append(f"L\t{escape(rel)}\t{escape(target)}\t{info.st_uid}\t"
-                                f"{info.st_gid}\t{info.st_mtime_ns}\n")
+            # With the directories, wherever it is: a reader learns which directories hold a
+            # symlink without reading the messages' records (list.append is atomic).
+            section.head.lines.append(f"L\t{escape(rel)}\t{escape(target)}\t{info.st_uid}\t"
+                                      f"{info.st_gid}\t{info.st_mtime_ns}\n")
             return
         if not stat.S_ISREG(info.st_mode):
             log.warning("skipping %s: not a regular file", src)
             return
         previous = section.previous
-        tail = previous.files.get(rel) if previous is not None else None
+        tail = previous.tail(rel) if previous is not None else None
         if tail is not None and same_file(tail, info):
             try:
                 if self.in_place:
@@ -718,19 +764,35 @@ class FrozenCopy:
             else:
                 result.link(rel, tail, info.st_size, renamed=False)
                 return
+        section.changed = True
         if self.in_place:
-            self._clear(self._dst(rel))
-            section.replaced.add(rel)
+            self._replace(section, rel)
         self._copy_message(rel, src, self._dst(rel), result, section, info)
 
     def _make_dir(self, rel: str, info: os.stat_result, section: _Section) -> None:
         self.directories.append((rel, info))
-        section.head.lines.append(f"D\t{escape(rel)}\t{directory_fields(info)}\n")
+        fields = directory_fields(info)
+        section.head.lines.append(f"D\t{escape(rel)}\t{fields}\n")
         self.stats.summary.directories += 1
-        if self.in_place and rel:
-            with contextlib.suppress(FileNotFoundError):
-                if not stat.S_ISDIR(os.lstat(self._dst(rel)).st_mode):
+        section.dirs += 1
+        if section.previous is None or section.previous.directories.get(rel) != fields:
+            section.changed = True
+        if self.in_place:
+            # The snapshot of the previous backup has the directory already, as a rule with
+            # its owner and mode: changing nothing there keeps the metadata shared with the
+            # previous backup (a chmod would copy the b-tree leaf that holds it).
+            try:
+                there = os.lstat(self._dst(rel))
+            except FileNotFoundError:
+                pass
+            else:
+                if not stat.S_ISDIR(there.st_mode):
                     self._clear(self._dst(rel))
+                elif (there.st_uid, there.st_gid, stat.S_IMODE(there.st_mode)) == (
+                        info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) or not IS_ROOT:
+                    if stat.S_IMODE(there.st_mode) != stat.S_IMODE(info.st_mode):
+                        os.chmod(self._dst(rel), stat.S_IMODE(info.st_mode))
+                    return
         if not self.dry_run and rel:
             try:
                 make_directory(self._dst(rel), info)
@@ -771,6 +833,13 @@ class FrozenCopy:
                 clone_file(source, target)
                 self.clones[info.st_ino] = target
 
+    def _replace(self, section: _Section, rel: str) -> None:
+        """In place: the previous backup's file at ``rel`` is not this one's; remove it, and
+        never link another name to it (``section.lock``)."""
+        with section.lock:
+            section.replaced.add(rel)
+            self._clear(self._dst(rel))
+
     @staticmethod
     def _clear(path: str) -> None:
         """In place: remove what the previous backup has at ``path`` (a file, a symlink or a
@@ -787,8 +856,12 @@ class FrozenCopy:
         if self.dry_run:
             return
         for rel, info in sorted(self.directories, key=lambda d: d[0].count("/"), reverse=True):
-            if rel:  # the top is the backup's own mail/ directory; its time is the run's
-                os.utime(self._dst(rel), ns=(info.st_atime_ns, info.st_mtime_ns))
+            if not rel:
+                continue  # the top is the backup's own mail/ directory; its time is the run's
+            # In place, a directory nothing was done to has its time already (see _make_dir).
+            if self.in_place and os.lstat(self._dst(rel)).st_mtime_ns == info.st_mtime_ns:
+                continue
+            os.utime(self._dst(rel), ns=(info.st_atime_ns, info.st_mtime_ns))
 
     # -- watching and progress -------------------------------------------------------------
 

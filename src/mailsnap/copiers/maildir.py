@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mailsnap.copiers.base import CopyStats, Previous
-from mailsnap.copiers.changes import plan_folders
+from mailsnap.copiers.changes import excludes_fingerprint, plan_folders
 from mailsnap.copiers.excludes import ExcludeMatcher
 from mailsnap.copiers.files import base_name
 from mailsnap.manifest import ManifestWriter, PreviousManifest
@@ -88,8 +88,9 @@ class MaildirCopier:
                 shutil.rmtree(dest)
                 dest.mkdir(mode=0o700)
                 in_place = False
+            fingerprint = excludes_fingerprint(excludes)
             plan = plan_folders(earlier.end_fields if earlier is not None else None,
-                                self.full_check_every, started_ns)
+                                self.full_check_every, started_ns, fingerprint)
             log.info("folders: %s", plan.reason)
             writer = None
             if manifest is not None and not dry_run:
@@ -123,6 +124,7 @@ class MaildirCopier:
                 writer.end_fields = {
                     "listed_before": min(self.since_ns or started_ns, started_ns),
                     "full_check": plan.full_check,
+                    "excludes": fingerprint,
                 }
                 stack.pop_all()
                 if earlier is not None:
