@@ -113,14 +113,15 @@ def main() -> int:
 
         stack.callback(cleanup)
         parent = snapshot("0")
-        for night, change in (("no change", None), ("1 % new mail", apply_newmail),
-                              ("1 % renames + 1 % moves", apply_renames)):
+        for number, (night, change) in enumerate((
+                ("no change", None), ("1 % new mail", apply_newmail),
+                ("1 % renames + 1 % moves", apply_renames))):
             walks, sends = [], []
             size = folders = 0
             for rep in range(args.repeat):
                 if change is not None:
                     change(store, rng)
-                snap = snapshot(f"{night[:2].strip()}-{rep}")
+                snap = snapshot(f"{number}-{rep}")
                 for _ in range(2):  # the second: warm
                     walk, folders = folder_walk(snap)
                     sent, size = send_stream(parent, snap)

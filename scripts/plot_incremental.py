@@ -9,7 +9,8 @@ Each JSON file is one benchmark run (one store size, one target file system). Wr
 ``bench-size.png`` (the no-change night and the 1 % new-mail night against the number of
 messages, log-log, one line per method and target) and ``bench-changes.png`` (time against the
 change rate: no change 0 %, 1 % new mail, 2 % renames and moves, 10 % flag changes, for the
-largest store given). Lines of a method measured at only one size are drawn as points.
+largest store measured with more than one method, or ``--changes-at``). Lines of a method
+measured at only one size are drawn as points.
 """
 
 from __future__ import annotations
@@ -61,10 +62,12 @@ def plot_size(runs: list[dict[str, Any]], out: Path) -> None:
     fig.savefig(out / "bench-size.png", dpi=110)
 
 
-def plot_changes(runs: list[dict[str, Any]], out: Path) -> None:
+def plot_changes(runs: list[dict[str, Any]], out: Path, at: int | None) -> None:
     import matplotlib.pyplot as plt
 
-    largest = max(run["messages"] for run in runs)
+    # The largest store that has more than one method to compare, unless told.
+    compared = [r["messages"] for r in runs if len({row["method"] for row in r["summary"]}) > 1]
+    largest = at or max(compared or [run["messages"] for run in runs])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in (r for r in runs if r["messages"] == largest):
         lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -90,11 +93,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="bench_incremental.py --json files")
     parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--changes-at", type=int, metavar="MESSAGES",
+                        help="store size of the change-rate plot (default: the largest with "
+                        "more than one method)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     runs = load(args.runs)
     plot_size(runs, args.out)
-    plot_changes(runs, args.out)
+    plot_changes(runs, args.out, args.changes_at)
     print(f"wrote {args.out / 'bench-size.png'} and {args.out / 'bench-changes.png'}")
     return 0
 
