@@ -76,7 +76,8 @@ def test_check_passes_for_a_good_job(env: dict[str, Path]) -> None:
     assert code == 0, out
     checks = {c["check"]: c["ok"] for c in json.loads(out)["checks"]}
     assert checks == {"config": True, "retention": True, "source": True, "maildir": True,
-                      "target": True, "backend": True, "tools": True, "privileges": True}
+                      "target": True, "backend": True, "backups": True, "tools": True,
+                      "privileges": True}
 
 
 def test_check_fails_for_a_missing_source(env: dict[str, Path]) -> None:
