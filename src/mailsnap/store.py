@@ -28,6 +28,7 @@ from mailsnap import subvolumes
 from mailsnap.backends.base import RUN_ID_RE
 from mailsnap.errors import LockedError, MailsnapError
 from mailsnap.faults import fault_point
+from mailsnap.manifest import MANIFEST_FILE
 
 if TYPE_CHECKING:
     from mailsnap.runner import Runner
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST = "mailsnap.json"
-MANIFEST_ZST = "manifest.zst"  # the copier's file manifest (mailsnap.manifest.MANIFEST_FILE)
 CONTENT = "mail"
 PARTIAL_SUFFIX = ".partial"
 DELETING_SUFFIX = ".deleting"
@@ -164,7 +164,7 @@ class BackupStore:
             (partial / CONTENT).mkdir(mode=0o700)
         elif base is not None:
             subvolumes.snapshot(self.runner, base.path, partial)
-            for own in (MANIFEST, MANIFEST_ZST):  # the previous backup's, not this one's
+            for own in (MANIFEST, MANIFEST_FILE):  # the previous backup's, not this one's
                 with contextlib.suppress(FileNotFoundError):
                     (partial / own).unlink()
         else:

@@ -66,6 +66,7 @@ from mailsnap.manifest import (
     Section,
     escape,
     section_key,
+    tail_size,
 )
 
 log = logging.getLogger(__name__)
@@ -371,8 +372,7 @@ class LiveCopy:
                         os.link(self.previous / path, self.dest / path)
                     except FileNotFoundError:
                         continue  # lost from the previous backup: the next pass copies it
-                size = int(tail[: tail.index("\t")])
-                self._record_link(path, section, tail, size, renamed=False)
+                self._record_link(path, section, tail, tail_size(tail), renamed=False)
                 self.stats.messages = (self.stats.messages or 0) + 1
                 folder.copied.add(base_name(name))
         self.taken[folder_rel] = {sub: directory_fields(infos[sub]) for sub in MESSAGE_DIRS}
@@ -632,8 +632,7 @@ class LiveCopy:
         sections: dict[str, list[str]] = {}
         for rel, (section, info) in self.directories.items():
             sections.setdefault(section, []).append(
-                f"D\t{escape(rel)}\t{stat.S_IMODE(info.st_mode):o}\t{info.st_uid}\t"
-                f"{info.st_gid}\t{info.st_mtime_ns}\t{info.st_ctime_ns}\t{info.st_ino}\n")
+                f"D\t{escape(rel)}\t{directory_fields(info)}\n")
         for rel, record in self.records.items():
             if record.how == "symlink":
                 sections.setdefault(record.section, []).append(self.links[rel])
