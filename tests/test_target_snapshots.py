@@ -128,9 +128,12 @@ def test_each_backup_is_a_read_only_subvolume_holding_exactly_its_snapshot(
     assert is_subvolume(b1) and read_only(b1)
     exact(source, b1)
     before = image(b1)
+    grown = [source / maildir(ALICE) / name for name in ("dovecot.index.log", "dovecot-uidlist")]
+    old_sizes = sum(path.stat().st_size for path in grown)
 
     changes = change_store(source, copies)
-    written = changes.written(source)
+    # Dovecot appended to the INBOX's index log and uidlist: only what is new is written.
+    written = changes.written(source) - old_sizes
     # A folder renamed (Dovecot's RENAME), one deleted, a file that became a directory.
     os.rename(source / maildir(BOB, ".Sent"), source / maildir(BOB, ".Sent Items"))
     shutil.rmtree(source / maildir(JOERG, PLANS))
@@ -149,6 +152,7 @@ def test_each_backup_is_a_read_only_subvolume_holding_exactly_its_snapshot(
     # Untouched users' folders were taken over unlisted; the changed ones listed.
     assert copy["folders_unchanged"] > 0 and copy["folders_listed"] > 0
     assert copy["bytes_written"] == written
+    assert copy["appended"] == 2
     assert copy["renames"] >= len(changes.renamed)
     assert copy["removed"] > 0  # expunged messages, the deleted folder, the old .Sent
     # A renamed message is the same file as before: a snapshot keeps inode numbers.
@@ -161,6 +165,42 @@ def test_each_backup_is_a_read_only_subvolume_holding_exactly_its_snapshot(
     report = json.loads(done.stdout)
     assert len(report["backups"]) == 2
     assert [p for b in report["backups"] for p in b["problems"]] == [], done.stdout
+
+
+def test_appended_index_files_write_only_what_was_appended(
+    source: Path, disk: BtrfsVolume, tmp_path: Path
+) -> None:
+    """Dovecot appends to dovecot.index.log and dovecot.index.cache: the backup grows its
+    copy (a snapshot of the previous one) by the new bytes, after proving the old part by the
+    previous record's sha256. A file rewritten under a longer content is copied whole, and the
+    previous backup keeps its own version of both."""
+    build_store(source)
+    age(source)
+    config = configure(tmp_path, source, disk.top / "backups")
+    first, _ = backup(config)
+    b1 = Path(first["backup"])
+    before = image(b1)
+    appended = source / maildir(ALICE) / "dovecot.index.log"
+    with appended.open("ab") as handle:
+        handle.write(b"\x04flag change record\n" * 50)  # 1,000 bytes
+    rewritten = source / maildir(BOB) / "dovecot.index.log"
+    old = rewritten.read_bytes()
+    rewritten.write_bytes(b"\x09" + old[1:] + b"more")  # longer, but its start changed too
+    second, _ = backup(config)
+    b2 = Path(second["backup"])
+    copy = second["copy"]
+    assert (copy["appended"], copy["copied"]) == (1, 1)
+    assert copy["bytes_written"] == 1000 + len(old) + 4
+    exact(source, b2)
+    assert image(b1) == before  # the previous backup keeps the log as it was
+    hows = {r[1]: r[2] for r in read_records(b2 / "manifest.zst") if r[0] == "F"}
+    assert hows[f"{maildir(ALICE)}/dovecot.index.log"] == "appended"
+    assert hows[f"{maildir(BOB)}/dovecot.index.log"] == "copied"
+    third, _ = backup(config)  # nothing changed: linked, not appended again
+    assert (third["copy"]["appended"], third["copy"]["bytes_written"]) == (0, 0)
+    exact(source, Path(third["backup"]))
+    done = run(config, "verify", "--all", "--deep", "--json")
+    assert [p for b in json.loads(done.stdout)["backups"] for p in b["problems"]] == []
 
 
 def test_a_quiet_night_lists_no_folder_and_writes_nothing(

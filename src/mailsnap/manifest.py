@@ -16,8 +16,11 @@ UTF-8 are kept as they are (surrogate escapes), so any Maildir folder name round
     E  <records>  [listed_before=<ns>  full_check=<ns>  excludes=<crc32>]
 
 ``how`` is ``copied`` (written, hashed now), ``reflinked`` (a new file sharing the snapshot's
-extents when both are on one btrfs or XFS: hashed, nothing written), ``linked`` (a hard link to
-the previous backup; its hash carried over, so a message is hashed once in its life) or
+extents when both are on one btrfs or XFS: hashed, nothing written), ``appended`` (the
+previous backup's file, in a backup that started as a snapshot of it, grown by what the source
+appended; its old part proven by the previous record's sha256, the whole hashed), ``linked``
+(a hard link to the previous backup; its hash carried over, so a message is hashed once in its
+life) or
 ``hardlink`` (a hard link to an earlier file of this backup: Dovecot's COPY hard-links a
 message into the new folder).
 A message's base name is its name up to ``:2,`` and is not stored. ``D`` records keep the
@@ -69,6 +72,7 @@ COPIED = "copied"
 LINKED = "linked"
 HARDLINK = "hardlink"
 REFLINKED = "reflinked"
+APPENDED = "appended"
 
 # Records handed to the compressor per write, and characters per read of a previous manifest:
 # large enough that the per-call cost is noise, small enough that no buffer of a whole mailbox
@@ -140,6 +144,9 @@ class Summary:
     hardlinked: int = 0
     renames: int = 0
     reflinked: int = 0
+    # Files of the previous backup grown in place by what the source appended (Dovecot's
+    # index logs and caches); their new bytes are in bytes_written.
+    appended: int = 0
     directories: int = 0
     # Message directories (cur/, new/) listed, and those taken over unlisted because their
     # mtime, ctime and inode say nothing in them changed since the previous backup.

@@ -138,6 +138,59 @@ def copy_open_file(fd: int, info: os.stat_result, target: str,
     return digest.hexdigest(), cloned
 
 
+def append_open_file(fd: int, info: os.stat_result, target: str, old_size: int,
+                     old_sha256: str) -> str | None:
+    """Grow ``target`` in place to the open source file ``fd`` (described by ``info``) by
+    writing only what follows its first ``old_size`` bytes; return the sha256 of the whole.
+
+    For a backup that started as a snapshot of the previous one (``target_snapshots``):
+    ``target`` is the previous backup's copy of the file, ``old_size`` and ``old_sha256`` its
+    manifest record. Dovecot appends to ``dovecot.index.log`` and ``dovecot.index.cache``, and
+    copying them whole wrote most of the bytes of a night with few changes. The source's first
+    ``old_size`` bytes are hashed on the way and must give ``old_sha256``, so an appended file
+    is proven equal to the source as a copy is. None, with nothing written, when they do not
+    (the file was rewritten, not appended to) or ``target`` is not that file (another size,
+    another kind, a second link): the caller copies it whole.
+    """
+    if not old_sha256 or info.st_size <= old_size:
+        return None
+    try:
+        out = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None  # gone, a symlink, a directory, not writable: copy it whole
+    try:
+        there = os.fstat(out)
+        if not stat.S_ISREG(there.st_mode) or there.st_nlink != 1 or there.st_size != old_size:
+            return None
+        digest = hashlib.sha256()
+        left = old_size
+        while left:
+            chunk = os.read(fd, min(left, CHUNK))
+            if not chunk:
+                return None
+            digest.update(chunk)
+            left -= len(chunk)
+        if digest.hexdigest() != old_sha256:
+            return None
+        os.lseek(out, old_size, os.SEEK_SET)
+        want = min(info.st_size - old_size + 1, CHUNK)
+        while chunk := os.read(fd, want):
+            digest.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(out, view):]
+        if IS_ROOT and (there.st_uid, there.st_gid) != (info.st_uid, info.st_gid):
+            os.fchown(out, info.st_uid, info.st_gid)
+        if stat.S_IMODE(there.st_mode) != stat.S_IMODE(info.st_mode):
+            os.fchmod(out, stat.S_IMODE(info.st_mode))
+        os.utime(out, ns=(info.st_atime_ns, info.st_mtime_ns))
+    except OSError as exc:
+        raise CopyFailed(f"cannot write {target}: {exc.strerror}") from None
+    finally:
+        os.close(out)
+    return digest.hexdigest()
+
+
 def make_directory(target: str, info: os.stat_result) -> None:
     """Create a backup directory 0700, then give it the source's owner and mode. Its times
     are set at the end of the copy (creating entries in it would change them)."""

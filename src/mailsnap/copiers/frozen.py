@@ -57,6 +57,7 @@ from mailsnap.copiers.excludes import ExcludeMatcher
 from mailsnap.copiers.files import (
     IS_ROOT,
     Reflinks,
+    append_open_file,
     base_name,
     copy_open_file,
     copy_symlink,
@@ -67,6 +68,7 @@ from mailsnap.copiers.files import (
 )
 from mailsnap.errors import CopyFailed
 from mailsnap.manifest import (
+    APPENDED,
     COPIED,
     HARDLINK,
     LINKED,
@@ -75,6 +77,8 @@ from mailsnap.manifest import (
     PreviousManifest,
     Section,
     escape,
+    tail_sha256,
+    tail_size,
 )
 from mailsnap.subvolumes import clone_file
 
@@ -131,6 +135,7 @@ class _Result:
     bytes_linked: int = 0
     renames: int = 0
     reflinked: int = 0
+    appended: int = 0
 
     def records(self) -> Iterator[str]:
         """The manifest lines of this task, in the order it made them."""
@@ -145,6 +150,13 @@ class _Result:
         self.linked += 1
         self.bytes_linked += size
         self.renames += renamed
+
+    def append(self, rel: str, tail: str, size: int, written: int) -> None:
+        self.lines.append(f"F\t{escape(rel)}\t{APPENDED}\t{tail}\n")
+        self.files += 1
+        self.bytes += size
+        self.appended += 1
+        self.bytes_written += written
 
     def copy(self, rel: str, tail: str, size: int, *, reflinked: bool = False) -> None:
         self.lines.append(f"F\t{escape(rel)}\t{REFLINKED if reflinked else COPIED}\t{tail}\n")
@@ -393,6 +405,7 @@ class FrozenCopy:
             summary.bytes_linked += result.bytes_linked
             summary.renames += result.renames
             summary.reflinked += result.reflinked
+            summary.appended += result.appended
         self.stats.linked = summary.linked + summary.hardlinked
         if self.manifest is not None and any(r.lines or r.fast_paths for r in results):
             counts = (sum(r.files for r in results), sum(r.bytes for r in results),
@@ -765,9 +778,36 @@ class FrozenCopy:
                 result.link(rel, tail, info.st_size, renamed=False)
                 return
         section.changed = True
+        if self.in_place and tail is not None and not self.dry_run and self._append(
+                rel, src, info, tail, result, section):
+            return
         if self.in_place:
             self._replace(section, rel)
         self._copy_message(rel, src, self._dst(rel), result, section, info)
+
+    def _append(self, rel: str, src: str, info: os.stat_result, tail: str, result: _Result,
+                section: _Section) -> bool:
+        """In place: Dovecot's logs and caches grow by appending; write only what is new
+        (``append_open_file``). False when the file was rewritten: copy it whole."""
+        old_size = tail_size(tail)
+        if info.st_size <= old_size:
+            return False
+        try:
+            fd = os.open(src, OPEN_FLAGS)
+        except OSError as exc:
+            raise CopyFailed(f"cannot read {src}: {exc.strerror}") from None
+        try:
+            with section.lock:
+                # No other name may be linked to the old content from here on (_replace).
+                section.replaced.add(rel)
+                sha = append_open_file(fd, info, self._dst(rel), old_size, tail_sha256(tail))
+        finally:
+            os.close(fd)
+        if sha is None:
+            return False
+        result.append(rel, tail_of(info, sha), info.st_size, info.st_size - old_size)
+        self._remember(section, info, rel, tail_of(info, sha))
+        return True
 
     def _make_dir(self, rel: str, info: os.stat_result, section: _Section) -> None:
         self.directories.append((rel, info))

@@ -134,10 +134,10 @@ class MaildirCopier:
         summary = stats.summary
         summary.files = stats.files
         log.info(
-            "%d files: %d copied (%d bytes written), %d linked to the previous backup "
-            "(%d bytes; %d renamed or moved), %d hard links kept",
-            stats.files, summary.copied, summary.bytes_written, summary.linked,
-            summary.bytes_linked, summary.renames, summary.hardlinked,
+            "%d files: %d copied, %d appended to (%d bytes written), %d linked to the "
+            "previous backup (%d bytes; %d renamed or moved), %d hard links kept",
+            stats.files, summary.copied, summary.appended, summary.bytes_written,
+            summary.linked, summary.bytes_linked, summary.renames, summary.hardlinked,
         )
         return stats
 
