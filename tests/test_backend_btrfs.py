@@ -75,12 +75,17 @@ def test_create_mount_unmount_destroy_command_lines(tmp_path: Path) -> None:
     assert runner.ran(mutating=True, executed=True) == [
         f"mount -t btrfs -o subvolid=5,nosuid,nodev,noexec /dev/loop1 {top}",
         f"btrfs subvolume snapshot -r {top}/mail {top}/.mailsnap/mailsnap-mail-20261128T010203Z",
+        f"umount {top}",
         "mount -t btrfs -o ro,nosuid,nodev,noexec,"
         f"subvol=/.mailsnap/mailsnap-mail-20261128T010203Z /dev/loop1 {tmp_path}/snap",
     ]
-    before = runner.ran(mutating=True, executed=True)
-    b.unmount(snap, tmp_path / "snap")  # findmnt says nothing is mounted: idempotent
-    assert runner.ran(mutating=True, executed=True) == before
+    # Nothing mounted there any more (umount fails, findmnt agrees): idempotent.
+    runner.on("umount", exit_code=32, stderr=f"umount: {tmp_path}/snap: not mounted.")
+    b.unmount(snap, tmp_path / "snap")
+    assert runner.ran(executed=True)[-2:] == [
+        f"umount {tmp_path}/snap",
+        f"findmnt --json --mountpoint {tmp_path}/snap --output TARGET",
+    ]
 
 
 def test_destroy_refuses_foreign_names(tmp_path: Path) -> None:

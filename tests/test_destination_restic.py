@@ -165,7 +165,6 @@ def test_backup_through_a_read_only_bind_mount_without_tmp_and_locks(tmp_path: P
         ["mount", "--bind", str(tree), m],
         ["mount", "-o", "remount,bind,ro,nosuid,nodev,noexec", m],
         expected_backup,
-        ["findmnt", "--json", "--mountpoint", m, "--output", "TARGET"],
         ["umount", m],
     ]
     assert seen["mode"] == 0o600
@@ -200,8 +199,7 @@ def test_a_bind_mount_that_cannot_be_made_read_only_is_undone(tmp_path: Path) ->
     repo = ResticRepository(job, settings_of(), runner)
     with pytest.raises(DestinationFailed, match=r"cannot bind-mount .* read-only"):
         repo.send(source_of(tmp_path, clean=True, stable=False))
-    assert [argv[0] for argv in argvs(runner)] == ["findmnt", "mount", "mount", "findmnt",
-                                                   "umount"]
+    assert [argv[0] for argv in argvs(runner)] == ["findmnt", "mount", "mount", "umount"]
 
 
 def test_an_incomplete_snapshot_is_forgotten_and_fails(tmp_path: Path) -> None:
