@@ -1165,8 +1165,15 @@ def main() -> int:
         stack.callback(snapshots.close)
         if args.target_fs == "btrfs":
             (work / "tgt").mkdir()
+            # Every night of every method adds metadata (DUP on btrfs: twice): a hard-link
+            # tree a directory entry and an inode update per message, a subvolume the b-tree
+            # leaves its changes copy. 1 KiB per message and night keeps a 200,000-message run
+            # with --repeat 2 off ENOSPC (it ran out of metadata space at 8.5 GB).
+            nights = args.full_repeat + args.repeat * len(args.scenarios)
+            headroom = args.messages * 1024 * nights * copies
             tgt = stack.enter_context(btrfs_volume(
-                work / "tgt", size=str(int(estimate * (copies + 1) * 1.3) + (2 << 30))))
+                work / "tgt",
+                size=str(int(estimate * (copies + 1) * 1.3) + headroom + (2 << 30))))
             targets = tgt.mail
         elif args.target_fs == "source":
             targets = src.top / "targets"
