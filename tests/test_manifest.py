@@ -4,6 +4,8 @@ and damage (truncated, corrupt, foreign, no end line) detected before anything i
 from __future__ import annotations
 
 from pathlib import Path
+import threading
+import time
 
 import pytest
 
@@ -12,6 +14,7 @@ from mailsnap.manifest import (
     ManifestDamaged,
     ManifestWriter,
     PreviousManifest,
+    Section,
     escape,
     file_tail,
     read_records,
@@ -168,3 +171,36 @@ def test_a_section_is_reused_frame_for_frame(tmp_path: Path) -> None:
     assert first.read_bytes() == second.read_bytes()
     again = PreviousManifest(second).section("u")
     assert again is not None and len(again.files) == 5
+
+
+def test_a_sections_records_are_parsed_once_for_all_threads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copier's workers take chunks of one mailbox at once: the first to need its records
+    parses them, the others wait and get the same index (each used to parse its own)."""
+    lines = [f"F\tcur/{n}.M1P1.host,S=10:2,S\tcopied\t10\t1\t600\t8\t8\t{'0' * 64}"
+             for n in range(50)]
+    section = Section("u/Maildir", _lines=list(lines))
+    parse = Section._parse_files
+    calls: list[int] = []
+
+    def slow_parse(self: Section) -> dict[str, str]:
+        calls.append(1)
+        time.sleep(0.05)  # wide open for a second thread, were there no lock
+        return parse(self)
+
+    monkeypatch.setattr(Section, "_parse_files", slow_parse)
+    seen: list[dict[str, str]] = []
+    bases: list[list[str]] = []
+
+    def use() -> None:
+        seen.append(section.files)
+        bases.append(section.by_base("7.M1P1.host,S=10"))
+
+    threads = [threading.Thread(target=use) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1
+    assert all(files is seen[0] for files in seen) and len(seen[0]) == 50
+    assert bases == [["cur/7.M1P1.host,S=10:2,S"]] * 4
