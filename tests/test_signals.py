@@ -3,13 +3,14 @@ lands where Python ignores exceptions."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
 import pytest
 
 from mailsnap.errors import Interrupted
-from mailsnap.signals import signals_unwind
+from mailsnap.signals import held, signals_unwind
 
 
 class _RaisesInDel:
@@ -45,3 +46,21 @@ def test_deferred_blocks_interrupt_only_after_them() -> None:
                 signal.raise_signal(signal.SIGTERM)
                 done.append("the whole block ran")
         assert done == ["the whole block ran"]
+
+
+def test_a_signal_while_a_command_starts_interrupts_once_it_has_started() -> None:
+    """held(): the runner starts a command inside it, so an interruption never lands between
+    the fork and the moment the runner holds the child (and can stop it)."""
+    reached: list[str] = []
+    with pytest.raises(Interrupted), signals_unwind():
+        with held("the start of `rsync`"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # Python runs the handler here, were it not held
+            reached.append("started")
+        reached.append("after")  # never: the signal interrupts as the block ends
+    assert reached == ["started"]
+
+
+def test_held_is_a_no_op_outside_a_run() -> None:
+    with held("anything"):
+        pass

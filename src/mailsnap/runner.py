@@ -29,6 +29,7 @@ from typing import Any
 import sh
 
 from mailsnap.errors import CommandFailed, ToolMissing
+from mailsnap.signals import held
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,18 @@ class Runner:
                 child_env[OWNER_ENV] = self.owner
             kwargs["_env"] = child_env
         start = time.monotonic()
-        process: sh.RunningCommand = command(*args[1:], **kwargs)
         group = not passthrough
+        launched: sh.RunningCommand | None = None
+        try:
+            with held(f"the start of `{args[0]}`"):
+                launched = command(*args[1:], **kwargs)
+        except BaseException:
+            # Interrupted as the block ended: the child runs; stop it before unwinding.
+            if launched is not None:
+                _stop(launched, group)
+                log.warning("%s  (stopped: mailsnap was interrupted)", line)
+            raise
+        process: sh.RunningCommand = launched
         # Our own deadline: sh's _timeout polls in 0.1 s steps, which made every short
         # discovery command cost 0.1 s.
         expired = threading.Event()

@@ -72,6 +72,25 @@ class SignalGuard:
             self.resume()
 
 
+# The guard of the run in progress (set by signals_unwind), for held().
+_active: SignalGuard | None = None
+
+
+@contextlib.contextmanager
+def held(busy_with: str) -> Iterator[None]:
+    """No interruption inside the block; one that came meanwhile interrupts when it ends.
+    For starting a command: sh forks, then sets up its reader threads, and an interruption
+    raised in there lost the handle of a child already running, which went on writing into the
+    backup while teardown removed it (``Directory not empty``). A no-op outside a run and off
+    the main thread."""
+    guard = _active
+    if guard is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with guard.deferred(busy_with):
+        yield
+
+
 @contextlib.contextmanager
 def signals_unwind() -> Iterator[SignalGuard]:
     """Install the handlers for the duration of a run (main thread only; elsewhere, e.g. a
@@ -99,9 +118,12 @@ def signals_unwind() -> Iterator[SignalGuard]:
         previous_hook(info)
 
     sys.unraisablehook = unraisable
+    global _active
+    outer, _active = _active, guard
     try:
         yield guard
     finally:
+        _active = outer
         sys.unraisablehook = previous_hook
         for sig, handler in previous.items():
             signal.signal(sig, handler)
