@@ -792,4 +792,10 @@ def test_an_unreachable_repository_fails_naming_the_destination(tmp_path: Path,
     assert str(caught.value).startswith(
         f"destination offsite (restic {keys['repository']}): open the repository: cannot "
         "reach the repository — ")
-    assert "connection refused" in str(caught.value).lower()
+    said = str(caught.value).lower()
+    if kind == "sftp":
+        # restic 0.14 copies ssh's stderr ("subprocess ssh: ... Connection refused") from a
+        # goroutine and can exit before it has; about 1 run in 30 has only its own line.
+        assert "connection refused" in said or "unable to start the sftp session" in said
+    else:
+        assert "connection refused" in said
