@@ -387,3 +387,63 @@ def test_an_ssh_destination_links_renamed_messages_from_subvolume_backups(
     renamed = next(p for p in (new / "cur").iterdir() if p.name.endswith("RS"))
     assert renamed.stat().st_nlink >= 2  # the previous remote backup's file
     assert (new / folder.name / "cur" / cur[5].name).stat().st_nlink >= 2
+
+
+# -- the worst nights: inputs that vanished or moved whole ----------------------------------
+
+
+@pytest.mark.parametrize("gone", ["every mailbox", "all but one user"])
+def test_a_store_that_vanished_is_refused_and_leaves_the_history_as_it_was(
+    source: Path, btrfs: BtrfsVolume, disk: BtrfsVolume, tmp_path: Path, gone: str
+) -> None:
+    """A mail volume mounted empty, a wrong rm -rf. Empty: refused before any snapshot.
+    Most mailboxes gone: the copy has already removed them from the writable snapshot of the
+    previous backup when the shrink guard refuses; that .partial goes, the previous
+    subvolume is untouched, no snapshot or mount is left."""
+    build_store(source)
+    config = configure(tmp_path, source, disk.top / "backups")
+    first, _ = backup(config)
+    b1 = Path(first["backup"])
+    before = image(b1)
+    for child in list(source.iterdir()):
+        if gone == "every mailbox":
+            shutil.rmtree(child)
+    if gone == "all but one user":
+        for user in (ALICE, BOB, JOERG):
+            shutil.rmtree(source / user)
+    done = run(config, "backup", ok=False)
+    assert done.returncode != 0
+    said = done.stderr.strip().splitlines()[-1]
+    if gone == "every mailbox":
+        assert str(source) in said and "it is empty" in said, said
+        assert "earlier backups are untouched" in said and "snapshot" not in done.stderr
+    else:
+        assert "not published" in said and "--allow-shrink" in said, said
+        assert "btrfs subvolume snapshot " + str(b1) in done.stderr  # it did start in place
+    assert image(b1) == before
+    kept = sorted(p.name for p in b1.parent.iterdir() if p.name != ".lock")
+    assert kept == [b1.name, "latest"]
+    assert [p for p in subvolumes(disk.top) if p.endswith(".partial")] == []
+    assert [p for p in subvolumes(btrfs.top) if ".mailsnap" in p] == []
+    assert str(tmp_path / "run") not in Path("/proc/self/mounts").read_text()
+
+
+def test_a_user_renamed_whole_is_backed_up_exactly_and_the_old_name_goes(
+    source: Path, disk: BtrfsVolume, tmp_path: Path
+) -> None:
+    """The admin renamed a user (``alice`` → ``alice.smith``): a mailbox the previous
+    manifest does not know. It is copied whole, the old one leaves the new backup only."""
+    build_store(source)
+    config = configure(tmp_path, source, disk.top / "backups")
+    first, _ = backup(config)
+    b1 = Path(first["backup"])
+    before = image(b1)
+    os.rename(source / ALICE, source / (ALICE + ".smith"))
+    second, _ = backup(config)
+    b2 = Path(second["backup"])
+    exact(source, b2)
+    assert not (b2 / "mail" / ALICE).exists()
+    assert second["copy"]["bytes_written"] > 0 and second["copy"]["removed"] > 0
+    assert image(b1) == before
+    done = run(config, "verify", "--all", "--deep", "--json")
+    assert [p for b in json.loads(done.stdout)["backups"] for p in b["problems"]] == []
