@@ -121,9 +121,7 @@ def copy_open_file(fd: int, info: os.stat_result, target: str,
         while chunk := os.read(fd, want):
             digest.update(chunk)
             if not cloned:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(out, view):]
+                _write_all(out, chunk)
             if len(chunk) < want:
                 break
         if IS_ROOT:
@@ -136,6 +134,13 @@ def copy_open_file(fd: int, info: os.stat_result, target: str,
     finally:
         os.close(out)
     return digest.hexdigest(), cloned
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` may write less than it was given (a signal, a quota): until all is."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def append_open_file(fd: int, info: os.stat_result, target: str, old_size: int,
@@ -176,9 +181,7 @@ def append_open_file(fd: int, info: os.stat_result, target: str, old_size: int,
         want = min(info.st_size - old_size + 1, CHUNK)
         while chunk := os.read(fd, want):
             digest.update(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(out, view):]
+            _write_all(out, chunk)
         if IS_ROOT and (there.st_uid, there.st_gid) != (info.st_uid, info.st_gid):
             os.fchown(out, info.st_uid, info.st_gid)
         if stat.S_IMODE(there.st_mode) != stat.S_IMODE(info.st_mode):

@@ -104,6 +104,13 @@ def default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+def _open_source(path: str) -> int:
+    try:
+        return os.open(path, OPEN_FLAGS)
+    except OSError as exc:
+        raise CopyFailed(f"cannot read {path}: {exc.strerror}") from None
+
+
 @contextlib.contextmanager
 def _quick_gil_handoff(interval: float = 0.001) -> Iterator[None]:
     """A worker back from link() or stat() waits for the GIL until the thread running Python
@@ -702,10 +709,7 @@ class FrozenCopy:
                       section: _Section, info: os.stat_result) -> int:
         """Copy a new file, ``info`` its ``lstat`` (a frozen tree: the file it opens is that
         one, so no ``fstat``); returns its inode in the source."""
-        try:
-            fd = os.open(src, OPEN_FLAGS)
-        except OSError as exc:
-            raise CopyFailed(f"cannot read {src}: {exc.strerror}") from None
+        fd = _open_source(src)
         try:
             sha, cloned = ("", False) if self.dry_run else copy_open_file(fd, info, dst,
                                                                           self.reflinks)
@@ -808,11 +812,8 @@ class FrozenCopy:
         (``append_open_file``). False when the file was rewritten: copy it whole."""
         old_size = tail_size(tail)
         if info.st_size <= old_size:
-            return False
-        try:
-            fd = os.open(src, OPEN_FLAGS)
-        except OSError as exc:
-            raise CopyFailed(f"cannot read {src}: {exc.strerror}") from None
+            return False  # not grown: neither opened nor marked replaced
+        fd = _open_source(src)
         try:
             with section.lock:
                 # No other name may be linked to the old content from here on (_replace).
