@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 import shutil
 import stat
-import sys
 
 import pytest
 
@@ -390,22 +389,3 @@ def test_a_hard_linked_message_that_arrives_late_is_never_left_behind(
     assert late.exists()
     assert (tmp_path / "backup" / ".Sent" / "new" / late.name).read_text() == "late!\n"
     assert copier.stats.passes <= max_passes
-
-
-def test_a_frozen_copy_hands_the_gil_over_quickly_and_puts_the_interval_back(
-    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from mailsnap.copiers import frozen
-
-    seen: list[float] = []
-    walk = frozen.FrozenCopy._directory
-
-    def watched(self: frozen.FrozenCopy, rel: str, mailbox: object) -> None:
-        seen.append(sys.getswitchinterval())
-        walk(self, rel, mailbox)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(frozen.FrozenCopy, "_directory", watched)
-    before = sys.getswitchinterval()
-    copy(store, tmp_path / "one", frozen=True)
-    assert seen and set(seen) == {min(before, 0.001)}
-    assert sys.getswitchinterval() == before

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-import contextlib
 from dataclasses import dataclass, field
 import errno
 import functools
@@ -47,7 +46,6 @@ import os
 from pathlib import Path
 import shutil
 import stat
-import sys
 import threading
 import time
 from typing import Protocol
@@ -109,20 +107,6 @@ def _open_source(path: str) -> int:
         return os.open(path, OPEN_FLAGS)
     except OSError as exc:
         raise CopyFailed(f"cannot read {path}: {exc.strerror}") from None
-
-
-@contextlib.contextmanager
-def _quick_gil_handoff(interval: float = 0.001) -> Iterator[None]:
-    """A worker back from link() or stat() waits for the GIL until the thread running Python
-    gives it up, by default after 5 ms: on a busy night most of a slow message's time was
-    that wait. 1 ms: a 20,000-message renames night on btrfs took 2.21 s instead of 2.31 s
-    (means of 5, taken in turns; 2.02 s → 1.87 s in another set)."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(min(before, interval))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
 
 
 class Listing(Protocol):
@@ -283,8 +267,7 @@ class FrozenCopy:
     def run(self) -> CopyStats:
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mailsnap-copy")
         try:
-            with _quick_gil_handoff():
-                self._directory("", None)
+            self._directory("", None)
         except BaseException:
             # An error or a signal: do not wait for the queued tasks, only the running ones.
             self.pool.shutdown(wait=True, cancel_futures=True)
