@@ -154,32 +154,43 @@ def test_a_failed_prune_fails_the_run_but_keeps_the_new_backup(
 
 @pytest.mark.privileged
 @pytest.mark.usefixtures("need_rsync")
+@pytest.mark.parametrize("kept_as", ["hard-link trees", "subvolumes"])
 def test_sigkill_mid_prune_then_a_normal_run_finishes_it(
-    btrfs: BtrfsVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    btrfs: BtrfsVolume, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kept_as: str
 ) -> None:
+    """A tree is renamed to .deleting first (no longer published, removed by the next run);
+    a subvolume is deleted in one step, so the kill leaves it published and whole."""
     monkeypatch.setenv("MAILSNAP_RUN_DIR", str(tmp_path / "run"))
     mail = btrfs.mail / "Maildir"
     seed(mail, per_folder=40)
     target = btrfs.top / "backups"  # the target on btrfs too
-    job = job_of(mail, target, backend="btrfs")
+    mode = "never" if kept_as == "hard-link trees" else "auto"
+    job = job_of(mail, target, backend="btrfs", target_snapshots=mode)
     times = [START + timedelta(days=d, hours=h) for d in range(4) for h in (2, 14)]
     ids = make_backups(job, times)
     newest = store_of(job).backups()[-1]
-    config = write_config(tmp_path / "c.toml", job, keep_daily=2)
+    oldest = store_of(job).backups()[0]
+    assert (os.lstat(oldest.path).st_ino == 256) == (kept_as == "subvolumes")
+    config = write_config(tmp_path / "c.toml", job, keep_daily=2, target_snapshots=mode)
     expected_kept = [ids[5], ids[7]]  # the newest of each of the two newest days
 
     killed = mailsnap("prune", "--config", config, env={"MAILSNAP_FAULT": "mid-prune:SIGKILL"})
     assert killed.returncode == -9, killed.stderr
     store = store_of(job)
     left = sorted(p.name for p in store.root.glob("*.deleting"))
-    assert left == [f"{ids[0]}.deleting"]  # renamed, not deleted: no longer published
-    assert ids[0] not in published(job)
+    if kept_as == "hard-link trees":
+        assert left == [f"{ids[0]}.deleting"]  # renamed, not deleted: no longer published
+        assert ids[0] not in published(job)
+    else:
+        assert left == [] and published(job) == ids
+        assert diff_trees(mail, oldest.content) == []  # whole (the source did not change)
     assert store.latest_target() == ids[-1]
 
     again = mailsnap("prune", "--config", config, "--json")
     assert again.returncode == 0, again.stderr
     report = json.loads(again.stdout)["jobs"][0]
-    assert report["finished"] == [f"{ids[0]}.deleting"]
+    finished = [f"{ids[0]}.deleting"] if kept_as == "hard-link trees" else []
+    assert report["finished"] == finished
     assert published(job) == expected_kept
     assert not list(store.root.glob("*.deleting"))
     # What is left is whole: the newest backup still equals the source it was taken from.

@@ -32,6 +32,7 @@ POINTS = (
     "mid-publish",  # manifest written and synced; the .partial is not renamed yet
     "after-rename",  # the backup is published (renamed); ``latest`` is not switched yet
     "mid-prune",  # a backup the policy removes is renamed to <id>.deleting, not yet deleted
+    # (a subvolume backup: about to be deleted, in one step)
 )
 # How often the copier's watch runs while a fault is armed: "mid-copy" must land while rsync
 # is still copying even a small test store (the normal interval is seconds).

@@ -2,9 +2,10 @@
 
 The decisions come from ``retention.decide`` (pure, table-tested); this module adds what only
 the store knows: the backup ``latest`` points to is never removed, nor the newest one; a
-backup is removed by renaming it to ``<id>.deleting`` first (a crash mid-delete never leaves a
-half-deleted backup looking published), and leftovers of an interrupted prune are finished
-first. It runs under the store lock, so never beside a backup of the same job.
+backup is removed atomically (``BackupStore.remove``: a subvolume in one step, a hard-link tree
+renamed to ``<id>.deleting`` first, so a crash mid-delete never leaves a half-deleted backup
+looking published), and leftovers of an interrupted prune are finished first. It runs under the
+store lock, so never beside a backup of the same job.
 """
 
 from __future__ import annotations

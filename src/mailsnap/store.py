@@ -101,10 +101,15 @@ class BackupStore:
                 raise LockedError(
                     f"job already running ({holder} holds {path}); wait for it to finish"
                 ) from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()}\n")
-            handle.flush()
+            try:
+                os.ftruncate(handle.fileno(), 0)
+                os.pwrite(handle.fileno(), f"pid {os.getpid()}\n".encode(), 0)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # A full target: the lock is held all the same, only its holder goes unsaid.
+                # (``prune``, run to make room, must get past this.)
+                log.debug("%s: holder not written: %s", path, exc.strerror)
             yield
         finally:
             handle.close()
@@ -241,11 +246,14 @@ class BackupStore:
         return os.readlink(link) if link.is_symlink() else None
 
     def remove(self, run_id: str) -> None:
-        """Remove one published backup: rename it to ``<id>.deleting`` (one atomic step, after
-        which it is no longer published), then delete that. A crash in between leaves only a
-        ``.deleting`` directory, which ``finish_deletions`` removes on the next run. Refuses
-        anything that is not a real directory named like a backup directly in this store (a
-        symlink is never followed out of the target). Dry run: does nothing."""
+        """Remove one published backup. A subvolume is deleted at once: that is one atomic
+        step already (the file system frees its space in the background), and it takes no new
+        metadata, so it works on a target too full to rename anything, the night an admin
+        prunes to make room. A hard-link tree is renamed to ``<id>.deleting`` (one atomic
+        step, after which it is no longer published), then deleted; a crash in between leaves
+        only the ``.deleting`` directory, which ``finish_deletions`` removes on the next run.
+        Refuses anything that is not a real directory named like a backup directly in this
+        store (a symlink is never followed out of the target). Dry run: does nothing."""
         if not re.fullmatch(RUN_ID_RE, run_id):
             raise MailsnapError(f"refusing to remove {run_id!r}: not a backup name")
         path = self.root / run_id
@@ -253,6 +261,12 @@ class BackupStore:
         if not stat.S_ISDIR(info.st_mode):
             raise MailsnapError(f"refusing to remove {path}: not a directory (a symlink?)")
         if self.dry_run:
+            return
+        if subvolumes.is_subvolume(path):
+            # Not synced: a crash before the file system commits it brings the backup back,
+            # whole, for the next prune.
+            fault_point("mid-prune")
+            subvolumes.delete(self.runner, path)
             return
         doomed = self.root / f"{run_id}{DELETING_SUFFIX}"
         os.rename(path, doomed)

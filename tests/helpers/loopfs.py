@@ -60,7 +60,10 @@ def subvolumes(top: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def btrfs_volume(workdir: Path, size: str = "1G") -> Iterator[BtrfsVolume]:
+def btrfs_volume(workdir: Path, size: str = "1G", *, mixed: bool = False
+                 ) -> Iterator[BtrfsVolume]:
+    """``mixed``: data and metadata share their block groups (``mkfs.btrfs --mixed``), so a
+    small volume fills up, metadata included, in a second."""
     image = workdir / "btrfs.img"
     top = workdir / "top"
     mail = workdir / "mail"
@@ -69,7 +72,7 @@ def btrfs_volume(workdir: Path, size: str = "1G") -> Iterator[BtrfsVolume]:
     subprocess.run(["truncate", "-s", size, str(image)], check=True)
     device = _run("losetup", "-f", "--show", str(image))
     try:
-        _run("mkfs.btrfs", "-q", device)
+        _run("mkfs.btrfs", "-q", *(["--mixed"] if mixed else []), device)
         _run("mount", device, str(top))
         try:
             _run("btrfs", "subvolume", "create", str(top / "mail"))
