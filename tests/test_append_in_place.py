@@ -69,3 +69,30 @@ def test_a_file_that_did_not_grow_is_left_to_the_copy(tmp_path: Path) -> None:
     got, target = grow(tmp_path, old, old[:-1] + b"X")
     assert got is None
     assert target.read_bytes() == old
+
+
+def test_a_name_claimed_for_a_change_waits_for_the_links_begun_from_it() -> None:
+    """The rule that replaced the section lock around link() and appends: a link begun
+    before the claim is made first; one begun after is refused; other names never wait."""
+    import threading
+
+    from mailsnap.copiers.frozen import _Section
+
+    section = _Section("alice/Maildir", None)
+    assert section.begin_link("cur/a")
+    claimed = threading.Event()
+
+    def change_a() -> None:
+        section.claim("cur/a")
+        claimed.set()
+
+    changer = threading.Thread(target=change_a)
+    changer.start()
+    assert not claimed.wait(0.2)  # the link from cur/a is still being made
+    assert section.begin_link("cur/b")  # another name: no waiting
+    section.end_link("cur/b")
+    section.end_link("cur/a")
+    assert claimed.wait(5)
+    changer.join()
+    assert not section.begin_link("cur/a")  # replaced: no new link from it
+    assert section.linking == {}

@@ -194,9 +194,13 @@ class _Section:
     # (never a source for such a link).
     removals: list[str] = field(default_factory=list)
     replaced: set[str] = field(default_factory=set)
-    # Held while a name is replaced, and while a link is made from a previous file's name:
-    # a link made first gets the previous file, one made after sees the name in ``replaced``.
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Names a link is being made from right now (``begin_link``). A link made first gets
+    # the previous file; one begun after the name is ``replaced`` is not made. Only the
+    # bookkeeping is locked, not the link() or the append: two workers linking renamed
+    # messages, and the main thread appending to an index file, used to wait for each other
+    # (0.3-0.4 s of a 20,000-message renames night).
+    linking: dict[str, int] = field(default_factory=dict)
+    lock: threading.Condition = field(default_factory=threading.Condition)
     # Message directories taken over unlisted: their inodes are unknown until a new hard
     # link in the source asks for them (``_find_inode``).
     taken_over: list[str] = field(default_factory=list)
@@ -206,6 +210,30 @@ class _Section:
     changed: bool = False
     dirs: int = 0
     unlisted: list[str] = field(default_factory=list)
+
+    def begin_link(self, name: str) -> bool:
+        """Whether a link may be made from the previous file at ``name`` (False: it was
+        replaced). After True, ``end_link`` must follow."""
+        with self.lock:
+            if name in self.replaced:
+                return False
+            self.linking[name] = self.linking.get(name, 0) + 1
+            return True
+
+    def end_link(self, name: str) -> None:
+        with self.lock:
+            left = self.linking.pop(name) - 1
+            if left:
+                self.linking[name] = left
+            else:
+                self.lock.notify_all()
+
+    def claim(self, name: str) -> None:
+        """No link is made from the previous file at ``name`` from now on: returns once the
+        links begun from it are made, so it may be removed or changed."""
+        with self.lock:
+            self.replaced.add(name)
+            self.lock.wait_for(lambda: name not in self.linking)
 
 
 class FrozenCopy:
@@ -655,13 +683,14 @@ class FrozenCopy:
                 if not same_file(tail, info):
                     continue  # same base name, other content or owner: not this message
                 if not self.dry_run:
+                    if not section.begin_link(old):
+                        continue
                     try:
-                        with section.lock:
-                            if old in section.replaced:
-                                continue
-                            self._link_previous(self._prev(old), f"{dst_dir}/{name}")
+                        self._link_previous(self._prev(old), f"{dst_dir}/{name}")
                     except FileNotFoundError:
                         continue
+                    finally:
+                        section.end_link(old)
                 result.link(child, tail, info.st_size, renamed=old != child)
                 self._remember(section, info, child, tail)
                 return
@@ -798,10 +827,8 @@ class FrozenCopy:
             return False  # not grown: neither opened nor marked replaced
         fd = _open_source(src)
         try:
-            with section.lock:
-                # No other name may be linked to the old content from here on (_replace).
-                section.replaced.add(rel)
-                sha = append_open_file(fd, info, self._dst(rel), old_size, tail_sha256(tail))
+            section.claim(rel)  # no other name may be linked to the old content from here on
+            sha = append_open_file(fd, info, self._dst(rel), old_size, tail_sha256(tail))
         finally:
             os.close(fd)
         if sha is None:
@@ -876,10 +903,9 @@ class FrozenCopy:
 
     def _replace(self, section: _Section, rel: str) -> None:
         """In place: the previous backup's file at ``rel`` is not this one's; remove it, and
-        never link another name to it (``section.lock``)."""
-        with section.lock:
-            section.replaced.add(rel)
-            self._clear(self._dst(rel))
+        never link another name to it (``_Section.claim``)."""
+        section.claim(rel)
+        self._clear(self._dst(rel))
 
     @staticmethod
     def _clear(path: str) -> None:
