@@ -789,6 +789,9 @@ class MailsnapMethod:
             if os.lstat(path).st_ino == 256 and not path.is_symlink():  # a subvolume
                 sh("btrfs", "subvolume", "delete", str(path))
         shutil.rmtree(root, ignore_errors=True)
+        # A store that vanished after a published backup is refused (a backup disk that did
+        # not mount); the benchmark removed it on purpose, so it makes it again.
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
 class RsyncMethod:

@@ -325,3 +325,54 @@ def test_work_dir_is_private(tmp_path: Path, run_dir: Path) -> None:
     run_backup(live_job(source, tmp_path / "b"), Runner(), clock=lambda: FIXED)
     assert stat.S_IMODE(os.stat(run_dir / "mail").st_mode) == 0o700
     assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
+
+
+# -- a backup disk that did not mount ---------------------------------------------------------
+
+
+def test_a_backup_disk_that_did_not_mount_is_refused_and_nothing_is_written(
+    tmp_path: Path,
+) -> None:
+    """The backup disk's mount point is an empty directory when the disk did not mount: a night
+    that created TARGET/<job> there would write a full copy onto the file system below. The
+    job's last run published into TARGET/<job>, so its absence is refused; the admin mounts
+    the disk, or creates the directory to start a new history on purpose."""
+    source = make_store(tmp_path / "vmail")
+    mount_point = tmp_path / "mnt" / "backup"
+    mount_point.mkdir(parents=True)
+    args = ("backup", "--source", source, "--target", mount_point, "--backend", "live",
+            "--job", "mail")
+    assert invoke(*args)[0] == 0
+    first = published(mount_point)
+    disk = tmp_path / "disk-not-mounted"
+    os.rename(mount_point, disk)
+    mount_point.mkdir()  # what is left when the disk is not mounted
+
+    code, _out, err = invoke(*args)
+    assert code == 1
+    said = [line for line in err.splitlines() if "not there" in line]
+    assert len(said) == 1, err
+    assert f"target {mount_point / 'mail'}: not there" in said[0]
+    assert "Is the backup disk mounted?" in said[0] and "Nothing was backed up" in said[0]
+    assert list(mount_point.iterdir()) == []  # not even TARGET/<job>
+
+    mount_point.rmdir()
+    os.rename(disk, mount_point)  # mounted again: the history goes on, linked
+    assert invoke(*args)[0] == 0
+    assert published(mount_point)[: len(first)] == first and len(published(mount_point)) == 2
+
+    # Moved away on purpose: the admin creates the directory, a new history starts.
+    os.rename(mount_point, disk)
+    (mount_point / "mail").mkdir(parents=True, mode=0o700)
+    assert invoke(*args)[0] == 0
+    assert len(published(mount_point)) == 1
+
+
+def test_a_job_pointed_at_a_new_target_starts_there(tmp_path: Path) -> None:
+    """Only the store the last run published into counts: a changed ``target`` is not a
+    vanished one."""
+    source = make_store(tmp_path / "vmail", users=1, per_user=3)
+    common = ("backup", "--source", source, "--backend", "live", "--job", "mail")
+    assert invoke(*common, "--target", tmp_path / "old")[0] == 0
+    assert invoke(*common, "--target", tmp_path / "new")[0] == 0
+    assert len(published(tmp_path / "new")) == 1

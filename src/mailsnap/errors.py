@@ -77,6 +77,10 @@ class ShrinkRefused(MailsnapError):
     """The new backup holds far fewer messages than the one before; not published."""
 
 
+class TargetVanished(MailsnapError):
+    """The job's store is gone although its last run published a backup into it."""
+
+
 class TargetFull(MailsnapError):
     """The target file system ran out of space or inodes."""
 

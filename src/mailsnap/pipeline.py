@@ -53,6 +53,7 @@ from mailsnap.maildirs import survey
 from mailsnap.manifest import MANIFEST_FILE
 from mailsnap.prune import policy_of, prune_store
 from mailsnap.recorder import record_destination, time_snapshot
+from mailsnap.report import check_store_present
 from mailsnap.runner import Runner
 from mailsnap.session import Session, job_session, stage
 from mailsnap.signals import SignalGuard, signals_unwind
@@ -196,6 +197,7 @@ def _run_backup(
     with stage("check source"):
         check_source(job.source)
         check_target_outside_source(job.source, job.target)
+        check_store_present(job)
     with signals_unwind() as guard, \
             job_session(job, runner, guard, purpose="backup") as session:
         store = BackupStore(job.target / job.name, dry_run=runner.dry_run, runner=runner)

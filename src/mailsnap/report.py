@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mailsnap import __version__
 from mailsnap.config import Job
-from mailsnap.errors import EXIT_INTERRUPTED, EXIT_OK, MailsnapError
+from mailsnap.errors import EXIT_INTERRUPTED, EXIT_OK, MailsnapError, TargetVanished
 from mailsnap.recorder import Recorder
 from mailsnap.store import BackupStore, make_private_dirs
 
@@ -223,6 +223,29 @@ def last_report(job: Job) -> RunReport | None:
     """The newest report of a real run (dry runs leave none). Read-only."""
     reports = load_reports(job)
     return reports[-1] if reports else None
+
+
+def check_store_present(job: Job) -> None:
+    """Refuse a night whose store (``TARGET/<job>/``) is gone although the job's last
+    successful run published a backup into it. That is what a backup disk that failed to
+    mount looks like: its mount point is an empty directory on the file system below, and
+    the night would write a full copy there, filling the root file system of a mail server
+    instead of the backup disk. A store that was never there (the first run, a new target)
+    is created as always; an admin who moved or removed the backups on purpose creates the
+    directory, and the next run starts a new history there. Read-only."""
+    store = job.target / job.name
+    if os.path.lexists(store):
+        return
+    for report in reversed(load_reports(job)):
+        if report.status != "ok" or report.backup is None:
+            continue
+        if Path(report.backup).parent != store:
+            return  # the job's target was changed since: a new store is expected
+        raise TargetVanished(
+            f"target {store}: not there, but the run of {report.started:%Y-%m-%d %H:%M} "
+            f"UTC published {report.backup} into it. Is the backup disk mounted? Mount it; "
+            f"if the backups were moved or removed on purpose, create {store} (mode 0700) "
+            "and run again. Nothing was backed up")
 
 
 def newest_backup_time(job: Job) -> tuple[str, datetime] | None:
