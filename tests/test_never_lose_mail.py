@@ -355,6 +355,11 @@ def test_a_backup_disk_that_did_not_mount_is_refused_and_nothing_is_written(
     assert f"target {mount_point / 'mail'}: not there" in said[0]
     assert "Is the backup disk mounted?" in said[0] and "Nothing was backed up" in said[0]
     assert list(mount_point.iterdir()) == []  # not even TARGET/<job>
+    checked = invoke("check", "--source", source, "--target", mount_point, "--backend", "live",
+                     "--job", "mail", "--json")
+    assert checked[0] == 1
+    (target_row,) = [r for r in json.loads(checked[1])["checks"] if r["check"] == "target"]
+    assert not target_row["ok"] and "Is the backup disk mounted?" in target_row["detail"]
 
     mount_point.rmdir()
     os.rename(disk, mount_point)  # mounted again: the history goes on, linked

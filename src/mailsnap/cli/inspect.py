@@ -224,6 +224,7 @@ def check(
 
 def _check_job(job: Job, runner: Runner) -> list[dict[str, Any]]:
     from mailsnap.backends import make_backend
+    from mailsnap.report import check_store_present
     from mailsnap.sources import MAX_DEPTH, find_first_maildir
 
     rows: list[dict[str, Any]] = []
@@ -252,7 +253,12 @@ def _check_job(job: Job, runner: Runner) -> list[dict[str, Any]]:
     tgt = job.target
     existing = tgt if tgt.exists() else next((p for p in tgt.parents if p.exists()), Path("/"))
     writable = os.access(existing, os.W_OK | os.X_OK)
-    add("target", writable, f"{tgt}" + ("" if writable else f": {existing} is not writable"))
+    try:
+        check_store_present(job)
+    except MailsnapError as exc:
+        add("target", False, str(exc))
+    else:
+        add("target", writable, f"{tgt}" + ("" if writable else f": {existing} is not writable"))
     try:
         backend = make_backend(job, runner)
         volume = backend.discover(src)
