@@ -236,16 +236,15 @@ def check_store_present(job: Job) -> None:
     store = job.target / job.name
     if os.path.lexists(store):
         return
-    for report in reversed(load_reports(job)):
-        if report.status != "ok" or report.backup is None:
-            continue
-        if Path(report.backup).parent != store:
-            return  # the job's target was changed since: a new store is expected
-        raise TargetVanished(
-            f"target {store}: not there, but the run of {report.started:%Y-%m-%d %H:%M} "
-            f"UTC published {report.backup} into it. Is the backup disk mounted? Mount it; "
-            f"if the backups were moved or removed on purpose, create {store} (mode 0700) "
-            "and run again. Nothing was backed up")
+    last = next((r for r in reversed(load_reports(job)) if r.status == "ok" and r.backup), None)
+    # No backup yet, or the job's target was changed since: a new store is expected.
+    if last is None or last.backup is None or Path(last.backup).parent != store:
+        return
+    raise TargetVanished(
+        f"target {store}: not there, but the run of {last.started:%Y-%m-%d %H:%M} UTC "
+        f"published {last.backup} into it. Is the backup disk mounted? Mount it; if the "
+        f"backups were moved or removed on purpose, create {store} (mode 0700) and run "
+        "again. Nothing was backed up")
 
 
 def newest_backup_time(job: Job) -> tuple[str, datetime] | None:
