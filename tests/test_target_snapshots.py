@@ -38,7 +38,9 @@ from tests.test_incremental_btrfs import (
     build_store,
     change_store,
     deliver,
+    flagged,
     maildir,
+    names,
     own,
 )
 
@@ -507,3 +509,35 @@ def test_a_full_backup_disk_fails_the_night_cleanly_and_prune_still_makes_room(
     assert not b1.exists() and image(b2) == before
     assert [p for p in subvolumes(small_disk.top) if p.startswith("backups/")] == [
         f"backups/{JOB}/{b2.name}"]
+
+
+def test_users_and_folders_named_tmp_new_and_cur_are_backed_up_exactly(
+    source: Path, disk: BtrfsVolume, tmp_path: Path
+) -> None:
+    """Only a Maildir's own tmp/ is left out: users called tmp, new and cur, and a folder
+    named tmp (``.tmp``), are mail like any other, on the first backup and in place after a
+    night of renames and deliveries."""
+    users = [f"example.com/{name}" for name in ("tmp", "new", "cur")]
+    for user in users:
+        seed(source / maildir(user), per_folder=4)
+    seed(source / maildir(users[0], ".tmp"), per_folder=4)
+    for path in [source, *source.rglob("*")]:
+        own(path, 0o700 if path.is_dir() else 0o600)
+    config = configure(tmp_path, source, disk.top / "backups")
+    b1 = Path(backup(config)[0]["backup"])
+    exact(source, b1)
+    assert list((b1 / "mail" / maildir(users[0], ".tmp") / "cur").iterdir())
+
+    inbox = maildir(users[0])
+    for name in names(source, inbox)[:2]:
+        os.rename(source / inbox / "cur" / name, source / inbox / "cur" / flagged(name))
+    deliver(source, maildir(users[1]), 70, 3000)
+    deliver(source, maildir(users[0], ".tmp"), 71, 2000)
+    (source / maildir(users[2]) / "tmp" / "half-written").write_bytes(b"x" * 100)
+    second, _ = backup(config)
+    b2 = Path(second["backup"])
+    exact(source, b2)
+    assert second["copy"]["renames"] >= 2
+    assert not (b2 / "mail" / maildir(users[2]) / "tmp" / "half-written").exists()
+    done = run(config, "verify", "--all", "--deep", "--json")
+    assert [p for b in json.loads(done.stdout)["backups"] for p in b["problems"]] == []
