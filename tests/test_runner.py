@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 from mailsnap import procs
-from mailsnap.errors import CommandFailed, ToolMissing
+from mailsnap.errors import CommandFailed, Interrupted, ToolMissing
 from mailsnap.runner import OWNER_ENV, Runner
 
 AWKWARD = ["Sent Items", "R&D", "it's \"quoted\"", "Café/Entwürfe", "-n", "$HOME", "*", ""]
@@ -96,6 +96,31 @@ def test_on_wait_error_stops_the_child_and_propagates(tmp_path: Path) -> None:
     pid = int(pidfile.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_an_interruption_after_the_child_was_reaped_still_propagates(tmp_path: Path) -> None:
+    """A signal handled just after sh's waitpid reaped the child, before sh stored its exit
+    code: stopping the child then met ECHILD, and that error replaced the interruption (a
+    SIGTERM during an upload ended the run with exit 1 and "No child processes", not 130)."""
+    pidfile = tmp_path / "pid"
+
+    def reaped_then_interrupted() -> None:
+        if not pidfile.exists():
+            return
+        pid = int(pidfile.read_text())
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)  # what sh's own waitpid had done when the handler ran
+        raise Interrupted("SIGTERM")
+
+    with pytest.raises(Interrupted):
+        Runner().run(
+            ["sh", "-c", f'echo $$ > "{pidfile}.tmp"; mv "{pidfile}.tmp" "{pidfile}"; '
+                         "exec sleep 30"],
+            mutates=True,
+            timeout=None,
+            on_wait=reaped_then_interrupted,
+            poll_interval=0.05,
+        )
 
 
 def test_environment_is_passed_whole() -> None:

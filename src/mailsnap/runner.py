@@ -339,3 +339,7 @@ def _stop(process: sh.RunningCommand, group: bool) -> None:
         process.wait()
     except sh.ErrorReturnCode:
         pass  # it exited because we signalled it; the error that made us stop it is what matters
+    except ChildProcessError:
+        # A signal handled between sh's waitpid and its storing the exit code: the child is
+        # reaped already, and ECHILD must not replace the interruption that brought us here.
+        pass
