@@ -31,10 +31,12 @@ NOT_AT_STARTUP = ("pydantic", "rich", "sh", "apprise", "prometheus_client", "mai
 def loaded_after(code: str, *argv: str, env: dict[str, str] | None = None) -> set[str]:
     """The modules a fresh interpreter holds after running ``code`` with ``sys.argv[1:]`` =
     ``argv``; a ``SystemExit`` from the CLI ends ``code`` as it would end the command."""
-    probe = (f"import json, sys\nsys.argv[1:] = {list(argv)!r}\ntry:\n"
+    # Printed by an atexit handler: the console script ends in os._exit after running them.
+    probe = ("import atexit, json, sys\n"
+             "atexit.register(lambda: print('\\n' + json.dumps(sorted(sys.modules))))\n"
+             f"sys.argv[1:] = {list(argv)!r}\ntry:\n"
              + "".join(f"    {line}\n" for line in code.splitlines())
-             + "except SystemExit:\n    pass\n"
-             "print('\\n' + json.dumps(sorted(sys.modules)))\n")
+             + "except SystemExit:\n    pass\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, env=env).stdout
     return set(json.loads(out.splitlines()[-1]))
@@ -114,3 +116,38 @@ def test_backend_names_are_the_job_models_tags() -> None:
     (union, _) = get_args(Job)
     tags = {get_args(model.model_fields["backend"].annotation)[0] for model in get_args(union)}
     assert sorted(BACKEND_NAMES) == sorted(tags)
+
+
+def _exit_probe(body: str) -> subprocess.CompletedProcess[str]:
+    code = ("import atexit, sys, threading, time\n"
+            "from mailsnap.__main__ import exit_without_teardown\n" + body)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False, timeout=60)
+
+
+def test_the_fast_exit_runs_atexit_handlers_flushes_and_keeps_the_code() -> None:
+    done = _exit_probe("atexit.register(lambda: print('atexit ran'))\n"
+                       "sys.stdout.write('buffered ')\nsys.stderr.write('err')\n"
+                       "exit_without_teardown(4)\n")
+    assert (done.returncode, done.stdout, done.stderr) == (4, "buffered atexit ran\n", "err")
+    assert _exit_probe("exit_without_teardown(None)").returncode == 0
+    assert _exit_probe("exit_without_teardown(130)").returncode == 130
+
+
+def test_the_fast_exit_waits_for_a_running_thread_as_the_normal_exit_does() -> None:
+    done = _exit_probe("threading.Thread(target=lambda: (time.sleep(0.5), print('joined')))"
+                       ".start()\nexit_without_teardown(3)\n")
+    assert (done.returncode, done.stdout) == (3, "joined\n")
+
+
+def test_the_fast_exit_leaves_a_text_code_to_python() -> None:
+    done = _exit_probe("exit_without_teardown('mailsnap: bye')\n")
+    assert (done.returncode, done.stderr) == (1, "mailsnap: bye\n")
+
+
+def test_the_console_script_exits_with_the_command_s_code(tmp_path: Path) -> None:
+    """Usage error 2 and config error 2 (click's and ours) survive the fast exit."""
+    for argv in (["backup", "--bogus"], ["backup", "--config", str(tmp_path / "none.toml")]):
+        done = subprocess.run([sys.executable, "-c", ENTRY, *argv], capture_output=True,
+                              text=True, check=False)
+        assert done.returncode == 2, done.stderr
