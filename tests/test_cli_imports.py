@@ -140,6 +140,15 @@ def test_the_fast_exit_waits_for_a_running_thread_as_the_normal_exit_does() -> N
     assert (done.returncode, done.stdout) == (3, "joined\n")
 
 
+def test_the_fast_exit_leaves_a_profiled_run_to_python(tmp_path: Path) -> None:
+    stats, script = tmp_path / "run.prof", tmp_path / "run.py"
+    script.write_text("from mailsnap.__main__ import exit_without_teardown\n"
+                      "exit_without_teardown(0)\n")
+    done = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(stats), str(script)],
+                          check=False)
+    assert done.returncode == 0 and stats.stat().st_size > 0
+
+
 def test_the_fast_exit_leaves_a_text_code_to_python() -> None:
     done = _exit_probe("exit_without_teardown('mailsnap: bye')\n")
     assert (done.returncode, done.stderr) == (1, "mailsnap: bye\n")

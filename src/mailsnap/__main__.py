@@ -40,11 +40,13 @@ def exit_without_teardown(code: object) -> None:
     written. What the normal exit would still do is done here first: the atexit handlers
     (logging's flush), then stdout and stderr flushed. Anything unusual takes the normal
     path: a non-daemon thread still running (the normal exit waits for it), an exit code
-    that is not a number (Python prints it), or a stream that cannot be flushed (Python
-    reports that, e.g. a closed pipe)."""
+    that is not a number (Python prints it), a stream that cannot be flushed (Python
+    reports that, e.g. a closed pipe), or a profiler or tracer watching (``python -m
+    cProfile``, coverage: they write their results after the program ends)."""
     if code is None:
         code = 0
-    if not isinstance(code, int) or threading.active_count() > 1:
+    watched = sys.getprofile() is not None or sys.gettrace() is not None
+    if not isinstance(code, int) or threading.active_count() > 1 or watched:
         raise SystemExit(code)
     atexit._run_exitfuncs()
     try:
