@@ -43,6 +43,42 @@ def test_discover(tmp_path: Path) -> None:
     assert runner.ran(mutating=True, executed=True) == []
 
 
+def test_discover_reads_the_subvolume_path_from_the_list(tmp_path: Path) -> None:
+    b, runner = backend(tmp_path)
+    b.discover(Path("/tmp/bt/mail/Maildir"))
+    assert [c for c in runner.ran(executed=True) if c.startswith("btrfs")] == [
+        "btrfs inspect-internal rootid /tmp/bt/mail/Maildir",
+        "btrfs subvolume list -a /tmp/bt/mail",
+    ]
+
+
+def test_a_subvolume_missing_from_the_list_is_resolved(tmp_path: Path) -> None:
+    b, runner = backend(tmp_path)
+    runner.on("btrfs", "inspect-internal", "rootid", stdout="300\n")
+    runner.on("btrfs", "inspect-internal", "subvolid-resolve", "300", stdout="mail\n")
+    assert b.discover(Path("/tmp/bt/mail/Maildir")).details["subvolume"] == "/mail"
+    assert "btrfs inspect-internal subvolid-resolve 300 /tmp/bt/mail" in runner.ran()
+
+
+def test_the_sweep_after_discover_uses_its_list_once(tmp_path: Path) -> None:
+    """discover's list serves the sweep that follows it; the final sweep, and any listing
+    after a snapshot was made or removed, asks btrfs again."""
+    b, runner = backend(tmp_path)
+    volume = b.discover(Path("/tmp/bt/mail/Maildir"))
+
+    def lists() -> int:
+        return sum(c.startswith("btrfs subvolume list") for c in runner.ran())
+
+    assert [s.name for s in b.list_owned(volume, "mail")] == ["mailsnap-mail-20261128T010203Z"]
+    assert lists() == 1
+    b.list_owned(volume, "mail")
+    assert lists() == 2
+    b.discover(Path("/tmp/bt/mail/Maildir"))
+    b.create(volume, "mailsnap-mail-20261128T010204Z")
+    b.list_owned(volume, "mail")
+    assert lists() == 4
+
+
 def test_discover_refuses_nested_subvolumes(tmp_path: Path) -> None:
     b, _ = backend(tmp_path, subvolumes=SUBVOLUMES, source="/tmp/bt/mail")
     with pytest.raises(BackendUnsuitable, match="/mail/nested"):

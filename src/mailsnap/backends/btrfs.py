@@ -35,6 +35,10 @@ class BtrfsBackend:
     def __init__(self, runner: Runner, job: JobBase) -> None:
         self.runner = runner
         self.job = job
+        # The subvolume list discover() read, for the sweep that follows it (under the job's
+        # lock nothing of the job can appear in between); used once, so the final sweep
+        # lists again.
+        self._listed: dict[str, PurePosixPath] | None = None
 
     # -- discovery (read-only) -------------------------------------------------------------
 
@@ -52,8 +56,11 @@ class BtrfsBackend:
                 "use backend = \"auto\" or another backend"
             )
         rootid = self._run_ro(["btrfs", "inspect-internal", "rootid", str(source)]).strip()
+        subvolumes = self._subvolumes(mount.target)
         if rootid == "5":
             subvol = PurePosixPath("/")
+        elif rootid in subvolumes:
+            subvol = subvolumes[rootid]  # the list has every path: no subvolid-resolve
         else:
             path = self._run_ro(
                 ["btrfs", "inspect-internal", "subvolid-resolve", rootid, str(mount.target)]
@@ -69,13 +76,14 @@ class BtrfsBackend:
                 "would have to be stored inside it. Move the mail into its own subvolume "
                 "(btrfs subvolume create) or use backend = \"live\""
             )
-        nested = [str(p) for p in self._subvolumes(mount.target) if from_top in p.parents]
+        nested = [str(p) for p in subvolumes.values() if from_top in p.parents]
         if nested:
             raise BackendUnsuitable(
                 f"{source} contains other btrfs subvolumes ({', '.join(nested[:3])}); a snapshot "
                 "does not include them. Back them up as separate jobs, or convert them to "
                 "plain directories"
             )
+        self._listed = subvolumes
         return Volume(
             backend=self.name,
             source=source,
@@ -85,16 +93,16 @@ class BtrfsBackend:
             details={"subvolume": str(subvol), "subvolume_id": rootid},
         )
 
-    def _subvolumes(self, path: Path) -> list[PurePosixPath]:
-        """Every subvolume of the file system, as paths from its top level. ``-a`` because
-        without it btrfs-progs prints paths below the mounted subvolume relative to the mount,
-        and the rest relative to the top level."""
+    def _subvolumes(self, path: Path) -> dict[str, PurePosixPath]:
+        """Every subvolume of the file system but the top level, by id, as paths from the
+        top level. ``-a`` because without it btrfs-progs prints paths below the mounted
+        subvolume relative to the mount, and the rest relative to the top level."""
         out = self._run_ro(["btrfs", "subvolume", "list", "-a", str(path)])
-        found = []
+        found = {}
         for line in out.splitlines():
-            if " path " in line:
+            if line.startswith("ID ") and " path " in line:
                 rel = line.split(" path ", 1)[1].removeprefix("<FS_TREE>/")
-                found.append(PurePosixPath("/") / rel)
+                found[line.split(maxsplit=2)[1]] = PurePosixPath("/") / rel
         return found
 
     def _run_ro(self, argv: list[str]) -> str:
@@ -104,7 +112,9 @@ class BtrfsBackend:
 
     @contextlib.contextmanager
     def _top_level(self, device: str) -> Iterator[Path]:
-        """Mount the top level (subvolid=5) privately for the duration of one operation."""
+        """Mount the top level (subvolid=5) privately for the duration of one operation. Kept
+        from create() to destroy() it would save two commands a run, but a run killed in
+        between would leave the whole file system mounted read-write under run_dir."""
         top = self.job.work_dir / "top"
         if not self.runner.dry_run:
             top.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -127,6 +137,7 @@ class BtrfsBackend:
         at the top level. Dry run: prints the commands, creates nothing.
         """
         subvol = volume.details["subvolume"].lstrip("/")
+        self._listed = None  # out of date from here on
         with self._top_level(volume.device) as top:
             snapdir = top / SNAPSHOT_DIR
             if not self.runner.dry_run and not snapdir.exists():
@@ -165,6 +176,7 @@ class BtrfsBackend:
         """
         if not snapshot.name.startswith(OWNER_PREFIX):
             raise MailsnapError(f"refusing to delete {snapshot.name!r}: not created by mailsnap")
+        self._listed = None
         with self._top_level(snapshot.volume.device) as top:
             path = top / SNAPSHOT_DIR / snapshot.name
             if self.runner.dry_run or path.exists():
@@ -175,8 +187,9 @@ class BtrfsBackend:
         Listed through the source; when the source is gone (unmounted during the run, so the
         final sweep would fail), through the file system's top level, mounted for a moment.
         Dry run: through the source only (the top-level mount is not made)."""
+        listed, self._listed = self._listed, None
         try:
-            paths = self._subvolumes(volume.source)
+            paths = listed if listed is not None else self._subvolumes(volume.source)
         except CommandFailed:
             if self.runner.dry_run:
                 raise
@@ -185,7 +198,7 @@ class BtrfsBackend:
             with self._top_level(volume.device) as top:
                 paths = self._subvolumes(top)
         found = []
-        for path in paths:
+        for path in paths.values():
             if path.parent == PurePosixPath("/", SNAPSHOT_DIR) and owned_by(path.name, job):
                 found.append(
                     Snapshot(backend=self.name, name=path.name, volume=volume,
