@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 import shutil
 import time
+from typing import Any
 
 import pytest
 
@@ -342,3 +343,35 @@ def test_new_exclude_patterns_list_every_folder(
     assert len(message_dirs(listed)) == MESSAGE_DIRS
     assert not (tmp_path / "two" / ".Sent" / "cur" / victim.name).exists()
     assert copier.stats.summary.folders_unchanged == 0  # type: ignore[attr-defined]
+
+
+def test_in_place_a_quiet_night_looks_at_nothing_in_the_backup(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backup starts as a snapshot of the previous one (here: a copy of it, times kept).
+    A directory or file whose record is as before is there already, with that mode and
+    owner, and a directory in a mailbox nothing changed in keeps its time: none is stat'ed
+    or touched (at 200,000 messages that was 4,600 lstat calls on a night with no mail)."""
+    backup(store, tmp_path / "one")
+    dest = tmp_path / "two"
+    shutil.copytree(tmp_path / "one", dest, symlinks=True)
+    looked: list[str] = []
+
+    def watched(real: Any) -> Any:
+        def call(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if os.fspath(path).startswith(os.fspath(dest)):
+                looked.append(f"{real.__name__} {path}")
+            return real(path, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "lstat", watched(os.lstat))
+    monkeypatch.setattr(os, "utime", watched(os.utime))
+    monkeypatch.setattr(os, "chmod", watched(os.chmod))
+    copier = MaildirCopier(Runner(), frozen=True, full_check_every=timedelta(days=7))
+    stats = copier.copy(store, dest, excludes=DEFAULT_EXCLUDES, manifest=manifest_of(dest),
+                        previous=Previous(tmp_path / "one", manifest_of(tmp_path / "one"),
+                                          in_place=True))
+    assert looked == []
+    assert stats.summary.folders_listed == 0
+    monkeypatch.undo()
+    assert diff_trees(store, dest) == []

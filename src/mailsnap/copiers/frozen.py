@@ -210,6 +210,9 @@ class _Section:
     changed: bool = False
     dirs: int = 0
     unlisted: list[str] = field(default_factory=list)
+    # Its directories with their source lstat, whose times are set when the copy is done;
+    # in place, not those of a section reused whole (nothing was done in them).
+    made: list[tuple[str, os.stat_result]] = field(default_factory=list)
 
     def begin_link(self, name: str) -> bool:
         """Whether a link may be made from the previous file at ``name`` (False: it was
@@ -417,6 +420,7 @@ class FrozenCopy:
                 and section.dirs == len(previous.directories)):
             self._reuse(section, previous)
             return
+        self.directories.extend(section.made)
         for rel in section.unlisted:
             assert previous is not None
             section.results.append(self._takeover(rel, previous.in_directory(rel), section))
@@ -799,11 +803,11 @@ class FrozenCopy:
         previous = section.previous
         tail = previous.tail(rel) if previous is not None else None
         if tail is not None and same_file(tail, info):
+            # In place the file is there already: this backup starts as a snapshot of the
+            # previous one, whose record says it holds this file (the trust that takes an
+            # unchanged message folder over unlisted; verify checks both).
             try:
-                if self.in_place:
-                    if not stat.S_ISREG(os.lstat(self._dst(rel)).st_mode):
-                        raise FileNotFoundError
-                elif not self.dry_run:
+                if not self.in_place and not self.dry_run:
                     self._link_previous(self._prev(rel), self._dst(rel))
             except FileNotFoundError:
                 pass  # gone from the previous backup: copy it
@@ -838,13 +842,19 @@ class FrozenCopy:
         return True
 
     def _make_dir(self, rel: str, info: os.stat_result, section: _Section) -> None:
-        self.directories.append((rel, info))
+        section.made.append((rel, info))
         fields = directory_fields(info)
         section.head.lines.append(f"D\t{escape(rel)}\t{fields}\n")
         self.stats.summary.directories += 1
         section.dirs += 1
-        if section.previous is None or section.previous.directories.get(rel) != fields:
+        as_before = (section.previous is not None
+                     and section.previous.directories.get(rel) == fields)
+        if not as_before:
             section.changed = True
+        elif self.in_place:
+            # The same directory (inode, ctime, mode, owner) as in the previous backup, which
+            # this one starts as a snapshot of: made there with these, nothing to look at.
+            return
         if self.in_place:
             # The snapshot of the previous backup has the directory already, as a rule with
             # its owner and mode: changing nothing there keeps the metadata shared with the
