@@ -3,12 +3,15 @@ and damage (truncated, corrupt, foreign, no end line) detected before anything i
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 import threading
 import time
 
 import pytest
+import zstandard
 
+from mailsnap import manifest as manifest_module
 from mailsnap.manifest import (
     MAGIC,
     ManifestDamaged,
@@ -204,3 +207,59 @@ def test_a_sections_records_are_parsed_once_for_all_threads(
     assert len(calls) == 1
     assert all(files is seen[0] for files in seen) and len(seen[0]) == 50
     assert bases == [["cur/7.M1P1.host,S=10:2,S"]] * 4
+
+
+def written(path: Path, end_fields: dict[str, int] | None = None) -> str:
+    """``SECTIONS`` written to ``path``; returns the digest the writer recorded."""
+    writer = ManifestWriter(path)
+    writer.end_fields = end_fields or {}
+    for key, names in SECTIONS.items():
+        writer.section(key, [f"F\t{escape(n)}\tcopied\t{file_tail(len(n), 1, 0o600, 0, 0, 'ab')}"
+                             "\n" for n in names])
+    writer.close()
+    return writer.sha256
+
+
+def test_the_writer_s_digest_is_the_file_s(tmp_path: Path) -> None:
+    path = tmp_path / "m.zst"
+    assert written(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_manifest_trusted_by_its_digest_is_not_decompressed_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "m.zst"
+    digest = written(path, {"listed_before": 17, "full_check": 1})
+    by_reading = PreviousManifest(path)
+    assert by_reading.damaged is None
+    monkeypatch.setattr(manifest_module, "_check_whole", lambda path: pytest.fail("read whole"))
+    by_digest = PreviousManifest(path, sha256=digest)
+    assert by_digest.damaged is None
+    assert by_digest.end_fields == by_reading.end_fields == {"listed_before": 17,
+                                                             "full_check": 1}
+    for key in SECTIONS:
+        theirs, ours = by_reading.section(key), by_digest.section(key)
+        assert theirs is not None and ours is not None and ours.files == theirs.files
+
+
+@pytest.mark.parametrize("change", ["digest", "a byte", "the end", "appended"])
+def test_a_manifest_unlike_its_recorded_digest_is_damaged(tmp_path: Path, change: str) -> None:
+    """Any difference from the file that was published: nothing of it is used (the copy
+    is then a full one), even where every zstd frame would still check out."""
+    path = tmp_path / "m.zst"
+    digest = written(path)
+    data = bytearray(path.read_bytes())
+    if change == "digest":
+        digest = hashlib.sha256(b"another").hexdigest()
+    elif change == "a byte":
+        data[len(data) // 2] ^= 1
+    elif change == "the end":
+        del data[-12:]
+    else:
+        data += zstandard.ZstdCompressor(write_checksum=True).compress(b"S\tintruder\n")
+    path.write_bytes(bytes(data))
+    earlier = PreviousManifest(path, sha256=digest)
+    assert earlier.damaged is not None
+    assert earlier.section("a") is None
+    if change in ("digest", "appended"):  # every frame intact: only the digest tells
+        assert "sha256" in earlier.damaged

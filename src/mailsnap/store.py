@@ -62,6 +62,13 @@ class Backup:
     def content(self) -> Path:
         return self.path / CONTENT
 
+    @property
+    def manifest_sha256(self) -> str | None:
+        """The sha256 of its ``manifest.zst`` as written, recorded when it was published
+        (None in backups made before that was recorded)."""
+        value = self.manifest.get("manifest_sha256")
+        return value if isinstance(value, str) else None
+
 
 class BackupStore:
     """All backups of one job, under ``root`` = ``TARGET/<job>``."""

@@ -125,6 +125,14 @@ def verify_backup(backup: Backup, *, deep: bool = False,
     except ManifestDamaged as exc:
         result.problems.append(str(exc))
         return result
+    recorded = backup.manifest_sha256
+    if recorded is not None:
+        with manifest.open("rb") as handle:
+            if hashlib.file_digest(handle, "sha256").hexdigest() != recorded:
+                # Whole and readable, but not the one published: the next backup does not
+                # link against it (it copies in full).
+                result.problems.append(f"{MANIFEST_FILE}: not the manifest published with this "
+                                       "backup (its sha256 differs from mailsnap.json's)")
     listed: set[str] = set()
     digests: dict[tuple[int, int], str] = {}
     root = os.fspath(content)

@@ -20,6 +20,9 @@ class Previous:
     # The copy's destination already holds a writable snapshot of this backup
     # (``target_snapshots``): the copy changes it into the new backup instead of linking.
     in_place: bool = False
+    # Its sha256 as recorded in the backup's mailsnap.json (none from older backups): the
+    # manifest is trusted by it instead of being decompressed whole.
+    manifest_sha256: str | None = None
 
 
 @dataclass
@@ -39,6 +42,7 @@ class CopyStats:
     messages: int | None = None
     summary: Summary = field(default_factory=Summary)
     manifest: bool = False  # a complete manifest was written
+    manifest_sha256: str | None = None  # of that manifest file
 
 
 class Copier(Protocol):

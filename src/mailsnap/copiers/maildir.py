@@ -131,6 +131,7 @@ class MaildirCopier:
                     earlier.close()
                 writer.close()
                 stats.manifest = True
+                stats.manifest_sha256 = writer.sha256
         summary = stats.summary
         summary.files = stats.files
         log.info(
@@ -153,7 +154,8 @@ class MaildirCopier:
                 "this backup is a full copy, not linked to it; the next one is incremental "
                 "again", previous.content.parent.name)
             return None
-        earlier = PreviousManifest(previous.manifest, keep=keep)
+        earlier = PreviousManifest(previous.manifest, keep=keep,
+                                   sha256=previous.manifest_sha256)
         if earlier.damaged:
             log.warning("%s: this backup is a full copy, not linked to the previous one; the "
                         "next one is incremental again", earlier.damaged)

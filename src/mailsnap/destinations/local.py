@@ -66,14 +66,17 @@ class LocalStore:
                 copier = MaildirCopier(self.runner, frozen=True)
                 stats = copier.copy(
                     source.tree, partial / CONTENT,
-                    previous=Previous(previous.content, previous.path / MANIFEST_FILE)
+                    previous=Previous(previous.content, previous.path / MANIFEST_FILE,
+                                      manifest_sha256=previous.manifest_sha256)
                     if previous else None,
                     excludes=source.excludes, manifest=partial / MANIFEST_FILE)
                 meta = {}
                 if source.local is not None and (source.local / MANIFEST).exists():
                     meta = json.loads((source.local / MANIFEST).read_text())
+                # The source backup's record, but this copy's own manifest.
                 meta.update({"copied_by_destination": self.name,
                              "copy": stats.summary.as_dict() if stats.manifest else None,
+                             "manifest_sha256": stats.manifest_sha256,
                              "previous": previous.run_id if previous else None})
                 self.store.publish(partial, meta)
             except BaseException:
