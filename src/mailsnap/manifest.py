@@ -474,8 +474,10 @@ def _frames(raw: IO[bytes] | _Hashed) -> Iterator[bytes]:
                 return
             data += chunk
             length = _frame_length(data)
-        yield bytes(data[:length])
+        with memoryview(data) as view:  # one copy of the frame, not two
+            frame = bytes(view[:length])
         del data[:length]
+        yield frame
 
 
 def _decompress(frame: bytes) -> str:
