@@ -231,9 +231,7 @@ def _run_backup(
                 stats = copier.copy(
                     view.path,
                     partial / CONTENT,
-                    previous=Previous(previous.content, previous.path / MANIFEST_FILE,
-                                      in_place=base is not None,
-                                      manifest_sha256=previous.manifest_sha256)
+                    previous=Previous.of(previous, in_place=base is not None)
                     if previous else None,
                     excludes=job.excludes,
                     watch=_watched(view.check),

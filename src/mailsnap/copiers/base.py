@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from mailsnap.manifest import Summary
+from mailsnap.manifest import MANIFEST_FILE, Summary
+
+if TYPE_CHECKING:
+    from mailsnap.store import Backup
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,12 @@ class Previous:
     # Its sha256 as recorded in the backup's mailsnap.json (none from older backups): the
     # manifest is trusted by it instead of being decompressed whole.
     manifest_sha256: str | None = None
+
+    @classmethod
+    def of(cls, backup: Backup, *, in_place: bool = False) -> Previous:
+        """What a copy needs of a published backup to link against it."""
+        return cls(backup.content, backup.path / MANIFEST_FILE, in_place=in_place,
+                   manifest_sha256=backup.manifest_sha256)
 
 
 @dataclass
@@ -41,8 +50,12 @@ class CopyStats:
     moved: int = 0  # live copy: moved to another folder during the copy (kept once)
     messages: int | None = None
     summary: Summary = field(default_factory=Summary)
-    manifest: bool = False  # a complete manifest was written
-    manifest_sha256: str | None = None  # of that manifest file
+    manifest_sha256: str | None = None  # of the manifest file, once written complete
+
+    @property
+    def manifest(self) -> bool:
+        """A complete manifest was written."""
+        return self.manifest_sha256 is not None
 
 
 class Copier(Protocol):

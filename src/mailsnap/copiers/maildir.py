@@ -130,7 +130,6 @@ class MaildirCopier:
                 if earlier is not None:
                     earlier.close()
                 writer.close()
-                stats.manifest = True
                 stats.manifest_sha256 = writer.sha256
         summary = stats.summary
         summary.files = stats.files

@@ -66,9 +66,7 @@ class LocalStore:
                 copier = MaildirCopier(self.runner, frozen=True)
                 stats = copier.copy(
                     source.tree, partial / CONTENT,
-                    previous=Previous(previous.content, previous.path / MANIFEST_FILE,
-                                      manifest_sha256=previous.manifest_sha256)
-                    if previous else None,
+                    previous=Previous.of(previous) if previous else None,
                     excludes=source.excludes, manifest=partial / MANIFEST_FILE)
                 meta = {}
                 if source.local is not None and (source.local / MANIFEST).exists():
