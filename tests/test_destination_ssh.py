@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -56,6 +57,17 @@ def hostile_source(root: Path) -> Path:
         (folder / "cur" / "1700000000.M1P1.host,S=5:2,S").write_bytes(b"hello")
     (root / "tmp" / "half-written").write_bytes(b"partial")
     (root / "dovecot-uidlist.lock").write_bytes(b"")
+    return settled(root)
+
+
+def settled(root: Path) -> Path:
+    """Every directory last changed an hour ago, as the night finds a store. rsync 3.5.0
+    (Debian's bookworm-security build) leaves a directory's time unset when the source's is
+    within about a second of now: a tree made a moment ago came out with the copy's own
+    directory times in about half the runs (39 of 39 directories, 5 runs in 8)."""
+    then = time.time() - 3600
+    for directory, _dirs, _files in os.walk(root):
+        os.utime(directory, (then, then))
     return root
 
 
@@ -160,6 +172,7 @@ def test_ssh_and_second_disk_get_every_backup_and_keep_their_own_history(
     assert not (remote_first / "mail/dovecot-uidlist.lock").exists()
 
     a_message(source).rename(a_message(source).with_name(a_message(source).name + "R"))
+    settled(source)
     second, _ = backup_at(job, START + timedelta(days=1))
     third, results = backup_at(job, START + timedelta(days=2))
     assert results[0]["pruned"] == [first]
