@@ -373,6 +373,7 @@ def test_renamed_and_moved_messages_are_linked_on_the_remote_host_not_sent_again
         sshd: Sshd, tmp_path: Path) -> None:
     source = tmp_path / "Maildir"
     seed(source, per_folder=20, size=50_000)
+    settled(source)
     remote = tmp_path / "remote"
     job = job_of(source, tmp_path / "backups", [ssh_dest(sshd, remote)])
     backup_at(job, START)
@@ -382,6 +383,7 @@ def test_renamed_and_moved_messages_are_linked_on_the_remote_host_not_sent_again
     moved = cur[5]
     folder = next(p for p in source.iterdir() if p.name.startswith(".") and p.is_dir())
     moved.rename(folder / "cur" / moved.name)  # a folder move
+    settled(source)
     second, results = backup_at(job, START + timedelta(days=1))
     assert results[0]["status"] == "ok"
     new = remote / "mail" / second / "mail"
