@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 
+from mailsnap import manifest as manifest_module
 from mailsnap.config import DEFAULT_EXCLUDES
 from mailsnap.copiers import frozen as frozen_module
 from mailsnap.copiers import live as live_module
 from mailsnap.copiers.base import Previous
 from mailsnap.copiers.changes import CLOCK_SLACK_NS, FolderTimes, directory_fields, plan_folders
 from mailsnap.copiers.maildir import MaildirCopier, base_name
-from mailsnap.manifest import read_records
+from mailsnap.manifest import PreviousManifest, read_records
 from mailsnap.runner import Runner
 from tests.helpers.trees import diff_trees, linked_to
 
@@ -375,3 +376,48 @@ def test_in_place_a_quiet_night_looks_at_nothing_in_the_backup(
     assert stats.summary.folders_listed == 0
     monkeypatch.undo()
     assert diff_trees(store, dest) == []
+
+
+def test_in_place_a_changed_folder_costs_its_own_records_only(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New mail in one folder of a mailbox: that folder's records are read and written; the
+    frames of the mailbox's other folders are copied from the previous manifest as they are
+    (at 200,000 messages a night of new mail read and wrote every touched mailbox's records,
+    about 0.7 s of 2.2 s). The manifest still says exactly what the backup holds."""
+    backup(store, tmp_path / "one")
+    dest = tmp_path / "two"
+    shutil.copytree(tmp_path / "one", dest, symlinks=True)
+    (store / ".Archive" / "new" / "1800000000.M1P1.host,S=5").write_bytes(b"hello")
+    read: list[str] = []
+    real = manifest_module.Section.records_in
+
+    def records_in(self: manifest_module.Section, rel: str) -> dict[str, str]:
+        read.append(rel)
+        return real(self, rel)
+
+    monkeypatch.setattr(manifest_module.Section, "records_in", records_in)
+    copier = MaildirCopier(Runner(), frozen=True, full_check_every=timedelta(days=7))
+    stats = copier.copy(store, dest, excludes=DEFAULT_EXCLUDES, manifest=manifest_of(dest),
+                        previous=Previous(tmp_path / "one", manifest_of(tmp_path / "one"),
+                                          in_place=True))
+    monkeypatch.undo()
+    assert set(read) == {".Archive/new"}
+    assert (stats.summary.folders_listed, stats.summary.copied) == (1, 1)
+    assert diff_trees(store, dest) == []
+    before = PreviousManifest(manifest_of(tmp_path / "one")).section("")
+    after = PreviousManifest(manifest_of(dest)).section("")
+    assert before is not None and after is not None
+    old = {f.directory: f.frame for f in before.frames}
+    new = {f.directory: f.frame for f in after.frames}
+    assert old.keys() == new.keys() and len(new) == MESSAGE_DIRS
+    assert [d for d in new if new[d] != old[d]] == [".Archive/new"]
+    # The records are those a full copy makes (all but "how").
+    backup(store, tmp_path / "three")
+
+    def files(manifest: Path) -> set[tuple[str, ...]]:
+        return {(r[1], *r[3:]) for r in read_records(manifest) if r[0] == "F"}
+
+    assert files(manifest_of(dest)) == files(manifest_of(tmp_path / "three"))
+    assert after.counts == PreviousManifest(manifest_of(tmp_path / "three")).section(
+        "").counts  # type: ignore[union-attr]

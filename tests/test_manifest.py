@@ -16,6 +16,7 @@ from mailsnap.manifest import (
     MAGIC,
     ManifestDamaged,
     ManifestWriter,
+    MessageFrame,
     PreviousManifest,
     Section,
     escape,
@@ -131,7 +132,7 @@ def test_records_of_a_whole_manifest(tmp_path: Path) -> None:
     path = tmp_path / "m.zst"
     write(path, {"a": ["a/x"]})
     records = read_records(path)
-    assert records[0] == [MAGIC, "1"]
+    assert records[0] == [MAGIC, "2"]
     assert records[1] == ["S", "a"]
     assert records[2][:3] == ["F", "a/x", "copied"]
     assert records[-1] == ["E", "1"]
@@ -146,7 +147,8 @@ def test_messages_have_a_frame_of_their_own_read_only_when_needed(tmp_path: Path
     writer = ManifestWriter(path)
     head = ["D\tu/Maildir\t700\t0\t0\t1\t1\t1\n", record("u/Maildir/dovecot-uidlist")]
     messages = [record(f"u/Maildir/cur/{n}.M1,S=5:2,S") for n in range(3)]
-    writer.section("u/Maildir", head, (4, 100, 3), (len(messages), messages))
+    writer.section("u/Maildir", head, (4, 100, 3),
+                   [MessageFrame("u/Maildir/cur", len(messages), 15, 3, messages)])
     writer.close()
     earlier = PreviousManifest(path)
     section = earlier.section("u/Maildir")
@@ -162,7 +164,8 @@ def test_a_section_is_reused_frame_for_frame(tmp_path: Path) -> None:
     first, second = tmp_path / "1.zst", tmp_path / "2.zst"
     writer = ManifestWriter(first)
     messages = [record(f"u/cur/{n}.M1,S=5:2,S") for n in range(5)]
-    writer.section("u", ["D\tu\t700\t0\t0\t1\t1\t1\n"], (5, 50, 5), (5, messages))
+    writer.section("u", ["D\tu\t700\t0\t0\t1\t1\t1\n"], (5, 50, 5),
+                   [MessageFrame("u/cur", 5, 25, 5, messages)])
     writer.close()
     earlier = PreviousManifest(first)
     section = earlier.section("u")
@@ -263,3 +266,51 @@ def test_a_manifest_unlike_its_recorded_digest_is_damaged(tmp_path: Path, change
     assert earlier.section("a") is None
     if change in ("digest", "appended"):  # every frame intact: only the digest tells
         assert "sha256" in earlier.damaged
+
+
+def test_each_message_directory_has_a_frame_read_only_for_its_records(tmp_path: Path) -> None:
+    """A night that lists one folder reads that folder's records, not its mailbox's; and a
+    moved message is looked for everywhere but in the folders it cannot have left."""
+    path = tmp_path / "m.zst"
+    writer = ManifestWriter(path)
+    folders = {d: [record(f"u/{d}/{n}.M{d[1]},S=5:2,S") for n in range(3)]
+               for d in (".A/cur", ".B/cur", ".B/new")}
+    writer.section("u", ["D\tu\t700\t0\t0\t1\t1\t1\n", record("u/dovecot-uidlist")], (10, 50, 9),
+                   [MessageFrame(f"u/{d}", 3, 15, 3, lines) for d, lines in folders.items()])
+    writer.close()
+    section = PreviousManifest(path).section("u")
+    assert section is not None and section.records == 2 + 1 + 3 + 9  # D, F, C, 3 M, 9
+    assert [f.directory for f in section.frames] == ["u/.A/cur", "u/.B/cur", "u/.B/new"]
+    assert section.frame_of("u/.B/cur") is not None and section.frame_of("u/.C/cur") is None
+    assert section.tail("u/dovecot-uidlist") is not None and section.frames_read == 0
+    assert list(section.records_in("u/.B/cur")) == [f"u/.B/cur/{n}.MB,S=5:2,S"
+                                                    for n in range(3)]
+    assert section.frames_read == 1
+    assert section.tail("u/.B/cur/1.MB,S=5:2,S") is not None and section.frames_read == 1
+    assert section.records_in("u/.C/cur") == {}
+    section.settled = frozenset({"u/.A/cur"})
+    assert section.by_base("0.MA,S=5") == []  # .A/cur did not change: nothing left it
+    assert section.by_base("2.MB,S=5") == ["u/.B/cur/2.MB,S=5:2,S", "u/.B/new/2.MB,S=5:2,S"]
+    assert section.frames_read == 2  # .B/new; .A/cur never
+    assert len(section.files) == 10
+
+
+def test_a_version_1_manifest_is_still_read(tmp_path: Path) -> None:
+    """Backups made before the frame per directory: one frame for a section's messages."""
+    compress = zstandard.ZstdCompressor(write_checksum=True).compress
+    messages = [record(f"u/cur/{n}.M1,S=5:2,S") for n in range(3)]
+    path = tmp_path / "m.zst"
+    path.write_bytes(b"".join(compress(text.encode()) for text in (
+        f"{MAGIC}\t1\n",
+        "S\tu\nD\tu/cur\t700\t0\t0\t1\t1\t1\n" + record("u/dovecot-uidlist") + "C\t4\t20\t3\n"
+        "M\t3\n",
+        "".join(messages),
+        "E\t8\n")))
+    earlier = PreviousManifest(path)
+    section = earlier.section("u")
+    assert earlier.damaged is None and section is not None
+    assert section.frames[0].directory is None and section.counts == (4, 20, 3)
+    assert sorted(section.records_in("u/cur")) == [f"u/cur/{n}.M1,S=5:2,S" for n in range(3)]
+    assert section.in_directory("u") == ["u/dovecot-uidlist"]
+    assert section.by_base("1.M1,S=5") == ["u/cur/1.M1,S=5:2,S"]
+    assert section.tail("u/cur/2.M1,S=5:2,S") == messages[2].split("\t", 3)[3].rstrip("\n")

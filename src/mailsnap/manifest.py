@@ -11,7 +11,9 @@ UTF-8 are kept as they are (surrogate escapes), so any Maildir folder name round
     D  <path>  <mode>  <uid>  <gid>  <mtime_ns>  <ctime_ns>  <inode>
     F  <path>  <how>  <size>  <mtime_ns>  <mode>  <uid>  <gid>  <sha256>
     L  <path>  <link target>  <uid>  <gid>  <mtime_ns>
-    M  <records>                           the section's messages follow in a frame of their own
+    M  <records> <bytes> <messages> <dir>  the records of message directory <dir> follow in
+                                           a frame of their own (version 1: ``M <records>``,
+                                           one frame for all the section's messages)
     C  <files>  <bytes>  <messages>        the section's totals (newer manifests)
     E  <records>  [listed_before=<ns>  full_check=<ns>  excludes=<crc32>]
 
@@ -31,13 +33,15 @@ whose mtime is within the clock's resolution of it may have changed again unseen
 ``mailsnap.copiers.changes``) and when the last copy that listed every folder and compared
 every message ran (``full_check``), both in ns since the epoch.
 
-Newer manifests write a section as two frames: directories, symlinks and the files that are
-not messages, then (announced by the ``M`` record) the records of the files in its ``cur/``
-and ``new/``; a reader decompresses the second only when it needs a message's record. A
-section whose mailbox did not change at all since the previous backup (a backup that started
-as a snapshot of it, ``target_snapshots``) is the previous manifest's frames, copied as they
-are: its records, ``how`` included, say how each file came into the backup that first wrote
-them.
+Newer manifests write a section as several frames: directories, symlinks and the files that
+are not messages, then (each announced by an ``M`` record) the records of the files in one
+``cur/`` or ``new/`` per frame; a reader decompresses a directory's frame only when it needs
+one of its records, so a night that changed a few folders of a mailbox reads and writes the
+records of those folders only. (Version 1 had one frame for all of a section's messages; it
+is still read.) A section whose mailbox did not change at all since the previous backup (a
+backup that started as a snapshot of it, ``target_snapshots``), or one of its message
+directories that did not, is the previous manifest's frames, copied as they are: its
+records, ``how`` included, say how each file came into the backup that first wrote them.
 
 Records come in sections: one per mailbox (everything below a user's Maildir root, all its
 folders), or one per directory outside any Maildir. Sections are written in the copy's walk
@@ -72,7 +76,8 @@ if TYPE_CHECKING:
 
 MANIFEST_FILE = "manifest.zst"
 MAGIC = "mailsnap-manifest"
-VERSION = "1"
+VERSION = "2"
+VERSIONS = ("1", "2")  # what a reader takes: 1 wrote one messages frame per section
 
 COPIED = "copied"
 LINKED = "linked"
@@ -232,22 +237,32 @@ class ManifestWriter:
 
     def section(self, key: str, lines: Iterable[str],
                 counts: tuple[int, int, int] | None = None,
-                messages: tuple[int, Iterable[str]] | None = None) -> None:
+                folders: Iterable[MessageFrame] = ()) -> None:
         """One section: ``lines`` are complete ``D``/``F``/``L`` records (newline included),
         a list or made as they are written; ``counts`` (files, bytes, messages) its totals;
-        ``messages`` (how many, and the records) the F records of its cur/ and new/, in a
-        frame of their own."""
+        ``folders`` the F records of its message directories, a frame each: made from their
+        ``lines``, or a previous manifest's ``frame`` copied as it is."""
+        frames = [f for f in folders if f.records]
         tail = [f"C\t{counts[0]}\t{counts[1]}\t{counts[2]}\n"] if counts is not None else []
-        if messages is not None and messages[0]:
-            tail.append(f"M\t{messages[0]}\n")
+        tail += [f"M\t{f.records}\t{f.size}\t{f.messages}\t{escape(f.directory or '')}\n"
+                 for f in frames]
         self.records += self._frame(itertools.chain((f"S\t{escape(key)}\n",), lines, tail)) - 1
-        if messages is not None and messages[0]:
-            self.records += self._frame(messages[1])
+        for frame in frames:
+            if frame.frame:
+                self._raw.write(frame.frame)
+                written = frame.records
+            else:
+                written = self._frame(frame.lines or ())
+            self.records += written
+            if written != frame.records:
+                raise ValueError(f"{frame.directory}: {written} records, not the "
+                                 f"{frame.records} announced")
 
     def reuse(self, section: Section) -> None:
         """A section of the previous manifest, whole: its zstd frames as they were."""
         self._raw.write(section.frame)
-        self._raw.write(section.messages_frame)
+        for frame in section.frames:
+            self._raw.write(frame.frame)
         self.records += section.records
 
     def close(self) -> None:
@@ -273,6 +288,21 @@ class ManifestWriter:
 
 
 @dataclass
+class MessageFrame:
+    """The records of one message directory (``cur/`` or ``new/``) in a zstd frame of their
+    own: to write (``lines``), or as read or reused (``frame``, its bytes in the file). In a
+    version 1 manifest one frame holds all of a section's messages: ``directory`` is None and
+    the sizes are unknown."""
+
+    directory: str | None
+    records: int
+    size: int | None = None  # bytes of its files
+    messages: int | None = None
+    lines: Iterable[str] | None = None
+    frame: bytes = b""
+
+
+@dataclass
 class Section:
     """One section of a previous manifest: path → record tail, and base name → paths (built
     on first use: a night with no renames never needs it)."""
@@ -284,25 +314,48 @@ class Section:
     frame: bytes = b""
     records: int = 0
     counts: tuple[int, int, int] | None = None
-    messages_frame: bytes = b""  # compressed, decompressed on first use of ``files``
-    # F records, parsed on first use: a mailbox taken over whole never needs them. Those not
-    # directly in a cur/ or new/ (dovecot-uidlist, index files …) are parsed at once.
+    # The frames of its message directories, compressed until a record of one is needed.
+    frames: list[MessageFrame] = field(default_factory=list)
+    # F records of the section's first frame, parsed on first use; those not directly in a
+    # cur/ or new/ (dovecot-uidlist, index files …) are parsed at once.
     _lines: list[str] = field(default_factory=list)
     _files: dict[str, str] | None = None
     _plain: dict[str, str] = field(default_factory=dict)
-    messages_frame_read: bool = False
+    frames_read: int = 0  # how many message frames were decompressed
     # Directories holding a symlink (``L`` records are not kept): never taken over unlisted.
     symlinks: set[str] = field(default_factory=set)
+    # Message directories the copy took over unlisted (unchanged since this backup): no
+    # message left them, so ``by_base`` need not read their records to find a moved one.
+    settled: frozenset[str] = frozenset()
     # base name → its path, or its paths when there are several (rare: a list for every
     # message would double the index's memory).
     _by_base: dict[str, str | list[str]] | None = None
     _by_directory: dict[str, list[str]] | None = None
+    _in_frame: dict[str, dict[str, str]] = field(default_factory=dict)  # directory → records
+    _head: dict[str, dict[str, str]] | None = None  # the first frame's F records by directory
     _parents: set[str] | None = None
     # The copier's worker threads take chunks of one mailbox at once: the first to need an
     # index builds it, the others wait for it (unlocked, each parsed the whole mailbox again,
-    # twice the time and, at 20,000 messages, 10 MiB more at the peak).
-    _building: threading.Lock = field(default_factory=threading.Lock, repr=False,
-                                      compare=False)
+    # twice the time and, at 20,000 messages, 10 MiB more at the peak). Reentrant: an index
+    # is built from the records of each directory, which take it too.
+    _building: threading.RLock = field(default_factory=threading.RLock, repr=False,
+                                       compare=False)
+
+    @property
+    def messages_frame_read(self) -> bool:
+        return self.frames_read > 0
+
+    @property
+    def by_directory(self) -> bool:
+        """Whether its messages are in a frame per directory (version 2)."""
+        return bool(self.frames) and self.frames[0].directory is not None
+
+    def frame_of(self, rel: str) -> MessageFrame | None:
+        """The frame of message directory ``rel``, with its sizes (version 2), if it has one."""
+        for frame in self.frames:
+            if frame.directory == rel:
+                return frame
+        return None
 
     @property
     def files(self) -> dict[str, str]:
@@ -316,20 +369,59 @@ class Section:
     def _parse_files(self) -> dict[str, str]:
         files: dict[str, str] = {}
         lines = self._lines
-        if self.messages_frame:
-            lines = lines + _decompress(self.messages_frame).split("\n")[:-1]
-            self.messages_frame_read = True
+        for frame in self.frames:
+            lines = lines + _decompress(frame.frame).split("\n")[:-1]
+            self.frames_read += 1
         for line in lines:
             _kind, path, _how, tail = line.split("\t", 3)
             files[unescape(path) if "\\" in path else path] = tail
+        if self.by_directory:
+            self._head_files()  # what ``records_in`` needs of them, before they go
         self._lines = []
         return files
+
+    def records_in(self, rel: str) -> dict[str, str]:
+        """path → file_tail of the files directly in directory ``rel``: in a version 2
+        manifest only ``rel``'s own frame is decompressed."""
+        found = self._in_frame.get(rel)
+        if found is not None:
+            return found
+        with self._building:
+            found = self._in_frame.get(rel)
+            if found is None:
+                if not self.by_directory:
+                    files = self.files
+                    found = {path: files[path] for path in self.in_directory(rel)}
+                else:
+                    found = dict(self._head_files().get(rel, {}))
+                    frame = self.frame_of(rel)
+                    if frame is not None:
+                        self.frames_read += 1
+                        for line in _decompress(frame.frame).split("\n")[:-1]:
+                            _kind, path, _how, tail = line.split("\t", 3)
+                            found[unescape(path) if "\\" in path else path] = tail
+                self._in_frame[rel] = found
+        return found
+
+    def _head_files(self) -> dict[str, dict[str, str]]:
+        if self._head is None:
+            head: dict[str, dict[str, str]] = {}
+            for line in self._lines:
+                _kind, path, _how, tail = line.split("\t", 3)
+                path = unescape(path)
+                head.setdefault(parent_of(path), {})[path] = tail
+            self._head = head
+        return self._head
 
     def tail(self, path: str) -> str | None:
         """The record tail of ``path`` (a file that is not a message: without parsing the
         messages' records)."""
         found = self._plain.get(path)
-        return found if found is not None else self.files.get(path)
+        if found is not None:
+            return found
+        if self._files is not None:
+            return self._files.get(path)
+        return self.records_in(parent_of(path)).get(path)
 
     def has_subdirectories(self, rel: str) -> bool:
         """Whether the previous backup held a directory inside ``rel`` (then ``rel`` was no
@@ -340,7 +432,10 @@ class Section:
 
     def in_directory(self, rel: str) -> list[str]:
         """The paths of the files directly in directory ``rel`` (built on first use, for the
-        whole section: only a night that takes folders over unlisted needs it)."""
+        whole section in a version 1 manifest: only a night that takes folders over unlisted
+        needs it)."""
+        if self.by_directory and self._files is None:
+            return list(self.records_in(rel))
         if self._by_directory is None:
             files = self.files
             with self._building:
@@ -352,11 +447,19 @@ class Section:
         return self._by_directory.get(rel, [])
 
     def by_base(self, base: str) -> list[str]:
+        """The paths of the previous files with base name ``base``, in every directory but
+        the ``settled`` ones."""
         if self._by_base is None:
-            files = self.files
             with self._building:
                 if self._by_base is None:
-                    self._by_base = _base_index(files)
+                    if not self.by_directory:
+                        self._by_base = _base_index(self.files)
+                    else:
+                        self._by_base = _base_index(itertools.chain(
+                            *(paths for paths in self._head_files().values()),
+                            *(self.records_in(frame.directory) for frame in self.frames
+                              if frame.directory is not None
+                              and frame.directory not in self.settled)))
         found = self._by_base.get(base)
         if found is None:
             return []
@@ -530,8 +633,9 @@ class PreviousManifest:
         except Exception as exc:  # zstd errors have no common base we can import lazily
             self._fail(f"{path} is damaged: {exc}")
             return
-        if head.rstrip("\n").split("\t") != [MAGIC, VERSION]:
-            self._fail(f"{path} is not a mailsnap manifest of version {VERSION}")
+        magic, _, version = head.rstrip("\n").partition("\t")
+        if magic != MAGIC or version not in VERSIONS:
+            self._fail(f"{path} is not a mailsnap manifest of version {' or '.join(VERSIONS)}")
             return
 
     def _fail(self, reason: str) -> None:
@@ -584,9 +688,17 @@ class PreviousManifest:
                         files, size, count = line[2:].split("\t")
                         section.counts = (int(files), int(size), int(count))
                     elif kind == "M\t":
-                        # The messages' own frame: kept compressed until a record is needed.
-                        section.messages_frame = next(self._frames)
-                        section.records += int(line[2:])
+                        # A frame of messages: kept compressed until a record is needed.
+                        fields = line[2:].split("\t")
+                        if len(fields) == 1:  # version 1: all the section's messages
+                            folder = MessageFrame(None, int(fields[0]))
+                        else:
+                            records, size, count, directory = fields
+                            folder = MessageFrame(unescape(directory), int(records), int(size),
+                                                  int(count))
+                        folder.frame = next(self._frames)
+                        section.frames.append(folder)
+                        section.records += folder.records
                     else:
                         raise ValueError(f"unknown record {line[:20]!r}")
                 return section

@@ -74,6 +74,7 @@ from mailsnap.manifest import (
     LINKED,
     REFLINKED,
     ManifestWriter,
+    MessageFrame,
     PreviousManifest,
     Section,
     escape,
@@ -129,6 +130,7 @@ class _Result:
     # Messages linked by name on the fast path: their paths and record tails (the tail is the
     # previous record's own string), made into ``F`` lines only as the section is written.
     # Ahead of ``lines`` in the manifest, as if they had been appended there first.
+    directory: str | None = None  # the message directory it holds records of (None: head)
     fast_paths: list[str] = field(default_factory=list)
     fast_tails: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
@@ -411,8 +413,10 @@ class FrozenCopy:
 
     def _close(self, section: _Section) -> None:
         """Wait for the section's tasks, settle its deferred hard links, write its records."""
-        self._drain(section)
         previous = section.previous
+        if previous is not None:  # before any task runs: a moved message is not in these
+            previous.settled = frozenset(section.taken_over)
+        self._drain(section)
         if section.removals:
             section.changed = True
         if (self.in_place and self.manifest is not None and previous is not None
@@ -421,15 +425,25 @@ class FrozenCopy:
             self._reuse(section, previous)
             return
         self.directories.extend(section.made)
+        # In place, an unchanged message directory of a changed mailbox: its frame of the
+        # previous manifest as it is (neither decompressed nor compressed again).
+        reused: list[MessageFrame] = []
         for rel in section.unlisted:
             assert previous is not None
-            section.results.append(self._takeover(rel, previous.in_directory(rel), section))
+            frame = previous.frame_of(rel) if self.manifest is not None else None
+            if frame is not None and frame.size is not None and frame.messages is not None:
+                reused.append(frame)
+                self._count_reused(frame.records, frame.size, frame.messages)
+            else:
+                section.results.append(self._takeover(rel, previous.in_directory(rel), section))
         results = [section.head, *section.results]
-        late = _Result()
+        late: dict[str, _Result] = {}
         for result in results:
             for rel, sub_rel, info in result.deferred:
-                self._hard_link_or_copy(rel, sub_rel, info, late, section)
-        results.append(late)
+                self._hard_link_or_copy(rel, sub_rel, info,
+                                        late.setdefault(sub_rel, _Result(directory=sub_rel)),
+                                        section)
+        results += late.values()
         for rel in section.removals:
             self._clear(self._dst(rel))
         self.stats.summary.removed += len(section.removals)
@@ -446,24 +460,32 @@ class FrozenCopy:
             summary.reflinked += result.reflinked
             summary.appended += result.appended
         self.stats.linked = summary.linked + summary.hardlinked
-        if self.manifest is not None and any(r.lines or r.fast_paths for r in results):
-            counts = (sum(r.files for r in results), sum(r.bytes for r in results),
-                      sum(r.messages for r in results))
-            # Directories and files that are not messages first; the messages (the tasks'
-            # records) in a frame of their own, which the next run reads only if it must.
-            messages = results[1:]
-            self.manifest.section(
-                section.key, section.head.records(), counts,
-                (sum(len(r.fast_paths) + len(r.lines) for r in messages),
-                 itertools.chain.from_iterable(r.records() for r in messages)))
+        if self.manifest is not None and (reused or any(r.lines or r.fast_paths
+                                                        for r in results)):
+            counts = (sum(r.files for r in results) + sum(f.records for f in reused),
+                      sum(r.bytes for r in results) + sum(f.size or 0 for f in reused),
+                      sum(r.messages for r in results) + sum(f.messages or 0 for f in reused))
+            # Directories and files that are not messages first; then the records of each
+            # message directory in a frame of their own, which the next run reads only if
+            # it lists that directory.
+            self.manifest.section(section.key, section.head.records(), counts,
+                                  sorted(reused + self._frames(results[1:]),
+                                         key=lambda f: f.directory or ""))
         self._report(force=True)
 
-    def _reuse(self, section: _Section, previous: Section) -> None:
-        """In place, a section that is as it was in the previous backup, directory for
-        directory and file for file: nothing was done on disk, and its manifest frame is
-        the previous one. (Its records are never parsed: a quiet night costs per mailbox.)"""
-        assert self.manifest is not None and previous.counts is not None
-        files, size, messages = previous.counts
+    @staticmethod
+    def _frames(results: list[_Result]) -> list[MessageFrame]:
+        by_directory: dict[str, list[_Result]] = {}
+        for result in results:
+            assert result.directory is not None
+            by_directory.setdefault(result.directory, []).append(result)
+        return [MessageFrame(rel, sum(len(r.fast_paths) + len(r.lines) for r in group),
+                             sum(r.bytes for r in group), sum(r.messages for r in group),
+                             itertools.chain.from_iterable(r.records() for r in group))
+                for rel, group in by_directory.items()]
+
+    def _count_reused(self, files: int, size: int, messages: int) -> None:
+        """Files that are in the backup as they were in the previous one (in place)."""
         self.stats.files += files
         self.stats.bytes += size
         self.stats.messages = (self.stats.messages or 0) + messages
@@ -471,6 +493,13 @@ class FrozenCopy:
         summary.linked += files
         summary.bytes_linked += size
         self.stats.linked = summary.linked + summary.hardlinked
+
+    def _reuse(self, section: _Section, previous: Section) -> None:
+        """In place, a section that is as it was in the previous backup, directory for
+        directory and file for file: nothing was done on disk, and its manifest frame is
+        the previous one. (Its records are never parsed: a quiet night costs per mailbox.)"""
+        assert self.manifest is not None and previous.counts is not None
+        self._count_reused(*previous.counts)
         self.manifest.reuse(previous)
         self._report(force=True)
 
@@ -544,8 +573,8 @@ class FrozenCopy:
         """An unchanged message directory: the previous records, and (unless in place, where
         the files are there already) a link to each previous file. Runs in the pool."""
         assert section.previous is not None
-        result = _Result()
-        files = section.previous.files
+        result = _Result(directory=rel)
+        files = section.previous.records_in(rel)
         prev_dir, dst_dir = self._prev(rel), self._dst(rel)
         cut = len(rel) + 1
         only_names = not self.excludes.rules
@@ -597,9 +626,9 @@ class FrozenCopy:
     ) -> _Result:
         """Runs in the pool: link or copy one chunk of a message directory. ``there``: in
         place, the names the directory holds already (the previous backup's)."""
-        result = _Result()
+        result = _Result(directory=rel)
         previous = section.previous
-        files = previous.files if previous is not None else {}
+        files = previous.records_in(rel) if previous is not None else {}
         src_dir, dst_dir = self._src(rel), self._dst(rel)
         prev_dir = self._prev(rel) if self.previous is not None else ""
         slow: list[os.DirEntry[str]] = []
@@ -675,7 +704,7 @@ class FrozenCopy:
         previous = section.previous
         if there is not None and name in there:
             # In place, under this name already: kept if it is this message, else replaced.
-            tail = previous.files.get(child) if previous is not None else None
+            tail = previous.tail(child) if previous is not None else None
             if tail is not None and same_file(tail, info):
                 result.link(child, tail, info.st_size, renamed=False)
                 self._remember(section, info, child, tail)
@@ -683,8 +712,8 @@ class FrozenCopy:
             self._replace(section, child)
         if previous is not None and self.previous is not None:
             for old in self._candidates(previous, child, name):
-                tail = previous.files[old]
-                if not same_file(tail, info):
+                tail = previous.tail(old)
+                if tail is None or not same_file(tail, info):
                     continue  # same base name, other content or owner: not this message
                 if not self.dry_run:
                     if not section.begin_link(old):
@@ -715,7 +744,7 @@ class FrozenCopy:
 
     @staticmethod
     def _candidates(previous: Section, child: str, name: str) -> Iterator[str]:
-        if child in previous.files:
+        if previous.tail(child) is not None:
             yield child
         for old in previous.by_base(base_name(name)):
             if old != child:
@@ -763,9 +792,9 @@ class FrozenCopy:
         unlisted messages once to learn their inodes (only on a night with such a COPY)."""
         if not section.taken_over or section.previous is None:
             return None
-        files = section.previous.files
         for rel in section.taken_over:
-            for child in section.previous.in_directory(rel):
+            files = section.previous.records_in(rel)
+            for child in files:
                 try:
                     info = os.lstat(self._src(child))
                 except FileNotFoundError:
