@@ -332,6 +332,7 @@ class Section:
     _by_base: dict[str, str | list[str]] | None = None
     _by_directory: dict[str, list[str]] | None = None
     _in_frame: dict[str, dict[str, str]] = field(default_factory=dict)  # directory → records
+    _frame_index: dict[str, MessageFrame] | None = None
     _head: dict[str, dict[str, str]] | None = None  # the first frame's F records by directory
     _parents: set[str] | None = None
     # The copier's worker threads take chunks of one mailbox at once: the first to need an
@@ -352,10 +353,9 @@ class Section:
 
     def frame_of(self, rel: str) -> MessageFrame | None:
         """The frame of message directory ``rel``, with its sizes (version 2), if it has one."""
-        for frame in self.frames:
-            if frame.directory == rel:
-                return frame
-        return None
+        if self._frame_index is None:  # asked once per listed or unlisted folder: not a scan
+            self._frame_index = {f.directory: f for f in self.frames if f.directory is not None}
+        return self._frame_index.get(rel)
 
     @property
     def files(self) -> dict[str, str]:
