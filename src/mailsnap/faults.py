@@ -30,7 +30,8 @@ POINTS = (
     "mid-copy",  # the copier's first watch call: rsync (or the live copier) is still running
     "after-copy",  # the copy is complete; nothing is published yet
     "mid-publish",  # manifest written and synced; the .partial is not renamed yet
-    "after-rename",  # the backup is published (renamed); ``latest`` is not switched yet
+    "after-rename",  # the backup is published (renamed, or its ZFS snapshot taken); ``latest``
+    # is not switched yet
     "mid-prune",  # a backup the policy removes is renamed to <id>.deleting, not yet deleted
     # (a subvolume backup: about to be deleted, in one step)
 )

@@ -33,7 +33,7 @@ import socket
 import time
 from typing import Any
 
-from mailsnap import __version__, progress, subvolumes
+from mailsnap import __version__, datasets, progress, subvolumes
 from mailsnap.backends.base import Snapshot, snapshot_name
 from mailsnap.config import Job
 from mailsnap.copiers import Previous, make_copier
@@ -51,6 +51,7 @@ from mailsnap.faults import fault_point
 from mailsnap.hooks import Hooks
 from mailsnap.maildirs import survey
 from mailsnap.manifest import MANIFEST_FILE
+from mailsnap.mounts import find_mount
 from mailsnap.prune import policy_of, prune_store
 from mailsnap.recorder import record_destination, time_snapshot
 from mailsnap.report import check_store_present
@@ -58,7 +59,7 @@ from mailsnap.runner import Runner
 from mailsnap.session import Session, job_session, stage
 from mailsnap.signals import SignalGuard, signals_unwind
 from mailsnap.sources import SourceIdentity, check_source, check_target_outside_source
-from mailsnap.store import CONTENT, Backup, BackupStore, run_id_for
+from mailsnap.store import CONTENT, Backup, BackupStore, TargetKind, run_id_for
 from mailsnap.verify import compare_with_source
 
 log = logging.getLogger(__name__)
@@ -221,8 +222,8 @@ def _run_backup(
         previous = store.latest()
         if previous is not None:  # about as much as last time: the display can show time left
             progress.current().expect(_recorded(previous, "files"), _recorded(previous, "bytes"))
-        subvolume, base = target_snapshots(job, store, view, copier.name, previous)
-        partial = store.begin(run_id, subvolume=subvolume, base=base)
+        kind, base = target_snapshots(job, store, view, copier.name, previous)
+        partial = store.begin(run_id, kind=kind, base=base)
         # Unwinds first: an unpublished .partial goes before the snapshot does. After publish
         # the .partial name no longer exists and this is a no-op.
         scope.undo(f"remove unpublished {partial.name}", lambda: store.discard(partial))
@@ -318,20 +319,29 @@ def _run_backup(
 
 
 def target_snapshots(job: Job, store: BackupStore, view: View, copier: str,
-                     previous: Backup | None) -> tuple[bool, Backup | None]:
-    """Whether this backup is a btrfs subvolume (``target_snapshots``), and the previous
-    backup it starts as a snapshot of (None: it starts empty)."""
+                     previous: Backup | None) -> tuple[TargetKind, Backup | None]:
+    """What this backup is (``target_snapshots``): a btrfs subvolume or a snapshot of the
+    job's ZFS dataset when the target allows it, else a hard-link tree; and the previous
+    backup it starts as a copy of (None: it starts empty)."""
     if (job.target_snapshots != "auto" or copier != "maildir" or not view.point_in_time
-            or store.dry_run or not subvolumes.is_btrfs(store.runner, store.root)):
-        return False, None
+            or store.dry_run):
+        return "tree", None
+    fstype = find_mount(store.runner, store.root).fstype
+    kind: TargetKind
+    if fstype == "btrfs":
+        kind, what, follows = "subvolume", "btrfs subvolumes", subvolumes.is_subvolume
+    elif fstype == "zfs":
+        kind, what, follows = "dataset", "ZFS snapshots", datasets.is_view
+    else:
+        return "tree", None
     if previous is None:
-        return True, None
-    if subvolumes.is_subvolume(previous.path) and (previous.path / MANIFEST_FILE).exists():
-        return True, previous
-    log.warning("backups of %s become btrfs subvolumes from this one on (target_snapshots); "
-                "%s is not one, so this backup clones its files (no data written) rather than "
-                "starting as a snapshot of it", job.name, previous.run_id)
-    return True, None
+        return kind, None
+    if follows(previous.path) and (previous.path / MANIFEST_FILE).exists():
+        return kind, previous
+    log.warning("backups of %s become %s from this one on (target_snapshots); %s is not one, "
+                "so this backup clones or copies its files rather than starting from it",
+                job.name, what, previous.run_id)
+    return kind, None
 
 
 def send_to_destinations(job: Job, runner: Runner, guard: SignalGuard, scope: Session,

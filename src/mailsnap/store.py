@@ -22,9 +22,9 @@ from pathlib import Path
 import re
 import shutil
 import stat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from mailsnap import subvolumes
+from mailsnap import datasets, subvolumes
 from mailsnap.backends.base import RUN_ID_RE
 from mailsnap.errors import LockedError, MailsnapError
 from mailsnap.faults import fault_point
@@ -41,6 +41,10 @@ PARTIAL_SUFFIX = ".partial"
 DELETING_SUFFIX = ".deleting"
 LOCK_FILE = ".lock"
 LATEST = "latest"
+
+# What a backup is: a directory of hard links to the previous one, a btrfs subvolume, or a
+# snapshot of the job's ZFS dataset (see ``subvolumes`` and ``datasets``).
+TargetKind = Literal["tree", "subvolume", "dataset"]
 
 
 def run_id_for(now: datetime) -> str:
@@ -78,6 +82,8 @@ class BackupStore:
         self.root = root
         self.dry_run = dry_run
         self._runner = runner
+        # The run being made in the job's ZFS dataset (begin → publish or discard).
+        self._open: tuple[str, datasets.JobDataset] | None = None
 
     @property
     def runner(self) -> Runner:
@@ -134,7 +140,8 @@ class BackupStore:
             return []
         found = []
         for entry in sorted(self.root.iterdir()):
-            if (not re.fullmatch(RUN_ID_RE, entry.name) or entry.is_symlink()
+            if (not re.fullmatch(RUN_ID_RE, entry.name)
+                    or (entry.is_symlink() and not datasets.is_view(entry))
                     or not entry.is_dir()):
                 continue
             try:
@@ -152,7 +159,8 @@ class BackupStore:
         """A run id not used yet: the UTC time, with ``.1``, ``.2`` … for runs in one second."""
         base = run_id_for(now)
         candidate, n = base, 0
-        while (self.root / candidate).exists() or self.partial_path(candidate).exists():
+        while (os.path.lexists(self.root / candidate)
+               or self.partial_path(candidate).exists()):
             n += 1
             candidate = f"{base}.{n}"
         return candidate
@@ -162,16 +170,20 @@ class BackupStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def begin(self, run_id: str, *, subvolume: bool = False,
+    def begin(self, run_id: str, *, kind: TargetKind = "tree",
               base: Backup | None = None) -> Path:
         """Create ``<run id>.partial/mail/`` and return the ``.partial`` directory.
-        ``subvolume``: the ``.partial`` is a btrfs subvolume, a writable snapshot of ``base``
-        (a subvolume: the copy then changes it into the new backup) or a new empty one.
+        ``kind`` ``subvolume``: the ``.partial`` is a btrfs subvolume, a writable snapshot of
+        ``base`` (a subvolume: the copy then changes it into the new backup) or a new empty one.
+        ``dataset``: the job's ZFS dataset, rolled back to ``base`` (or emptied), is where the
+        copy goes; it returns the dataset's mount point ``.mirror`` instead.
         Dry run: returns the path, creates nothing."""
         partial = self.partial_path(run_id)
         if self.dry_run:
             return partial
-        if not subvolume:
+        if kind == "dataset":
+            return self._begin_in_dataset(run_id, base)
+        if kind == "tree":
             partial.mkdir(mode=0o700)
             (partial / CONTENT).mkdir(mode=0o700)
         elif base is not None:
@@ -185,10 +197,28 @@ class BackupStore:
             (partial / CONTENT).mkdir(mode=0o700)
         return partial
 
+    def _begin_in_dataset(self, run_id: str, base: Backup | None) -> Path:
+        dataset = datasets.JobDataset.ensure(self.runner, self.root)
+        dataset.reset(base.run_id if base is not None else None)
+        self._open = (run_id, dataset)
+        mirror = dataset.mountpoint
+        for own in (MANIFEST, MANIFEST_FILE):  # the previous backup's, not this one's
+            with contextlib.suppress(FileNotFoundError):
+                (mirror / own).unlink()
+        if base is None:
+            (mirror / CONTENT).mkdir(mode=0o700)
+        return mirror
+
     def discard(self, partial: Path) -> None:
         """Remove an unpublished ``.partial`` directory (after a failed or interrupted run).
         Only ever removes names ending in ``.partial`` directly under this job's directory."""
         if self.dry_run or not partial.exists():
+            return
+        if self._open is not None and partial == self._open[1].mountpoint:
+            run_id, dataset = self._open
+            self._open = None
+            dataset.discard()
+            log.info("rolled %s back: %s was not published", dataset.name, run_id)
             return
         if partial.parent != self.root or not partial.name.endswith(PARTIAL_SUFFIX):
             raise MailsnapError(f"refusing to remove {partial}: not a partial backup")
@@ -197,9 +227,13 @@ class BackupStore:
 
     def sweep_partials(self) -> list[Path]:
         """Remove ``.partial`` directories a crashed run left (we hold the lock, so no live run
-        owns them)."""
+        owns them). In a ZFS store, finish what a crash interrupted instead: a backup whose
+        snapshot was taken (it is published) gets its dated view; a view whose snapshot was
+        destroyed (a prune) goes. The next run rolls the mirror back itself."""
         if not self.root.is_dir():
             return []
+        if not self.dry_run and (self.root / datasets.MIRROR).is_dir():
+            self._repair_views()
         stale = [
             p
             for p in self.root.iterdir()
@@ -211,6 +245,31 @@ class BackupStore:
             self.discard(partial)
         return stale
 
+    def _repair_views(self) -> None:
+        dataset = datasets.JobDataset.at(self.runner, self.root)
+        if dataset is None:
+            return
+        taken = dataset.backups()
+        for run_id in taken:
+            if not os.path.lexists(self.root / run_id):
+                log.warning("%s: its snapshot was taken but the run stopped before it got its "
+                            "dated name; it is published now", run_id)
+                self._make_view(run_id)
+                self._point_latest(taken[-1])
+        for entry in self.root.iterdir():
+            if datasets.is_view(entry) and entry.name not in taken:
+                log.warning("%s: its snapshot is gone (an interrupted prune); removing the name",
+                            entry.name)
+                entry.unlink()
+        _fsync_dir(self.root)
+
+    def _make_view(self, run_id: str) -> None:
+        tmp = self.root / f".{run_id}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(datasets.view_target(run_id), tmp)
+        os.rename(tmp, self.root / run_id)
+
     def publish(
         self, partial: Path, manifest: dict[str, Any], *,
         on_commit: Callable[[], None] | None = None,
@@ -221,7 +280,9 @@ class BackupStore:
         just before the rename (the pipeline stops signals from interrupting from there on).
         Dry run: writes nothing, returns the backup it would publish.
         """
-        final = self.root / partial.name.removesuffix(PARTIAL_SUFFIX)
+        in_dataset = self._open is not None and partial == self._open[1].mountpoint
+        final = self.root / (self._open[0] if self._open is not None and in_dataset
+                             else partial.name.removesuffix(PARTIAL_SUFFIX))
         if self.dry_run:
             return Backup(final, manifest)
         manifest_path = partial / MANIFEST
@@ -234,13 +295,19 @@ class BackupStore:
         _sync_tree(partial)
         if subvolumes.is_subvolume(partial):
             subvolumes.make_read_only(self.runner, partial)
-        if final.exists():
+        if os.path.lexists(final):
             raise MailsnapError(f"{final} already exists; refusing to overwrite a backup")
         fault_point("mid-publish")
         if on_commit is not None:
             on_commit()
-        os.rename(partial, final)
-        fault_point("after-rename")
+        if self._open is not None and in_dataset:
+            self._open[1].snapshot(final.name)  # the commit point: the view only names it
+            self._open = None
+            fault_point("after-rename")
+            self._make_view(final.name)
+        else:
+            os.rename(partial, final)
+            fault_point("after-rename")
         self._point_latest(final.name)
         _fsync_dir(self.root)
         return Backup(final, manifest)
@@ -264,6 +331,21 @@ class BackupStore:
         if not re.fullmatch(RUN_ID_RE, run_id):
             raise MailsnapError(f"refusing to remove {run_id!r}: not a backup name")
         path = self.root / run_id
+        if datasets.is_view(path):
+            if self.dry_run:
+                return
+            dataset = datasets.JobDataset.at(self.runner, self.root)
+            if dataset is None:
+                raise MailsnapError(f"{path} names a snapshot of the job's dataset, but no "
+                                    f"dataset of this store is mounted at {path.parent}/"
+                                    f"{datasets.MIRROR}: mount it and run again")
+            fault_point("mid-prune")
+            # Snapshot first: a crash in between leaves a name pointing at nothing, which
+            # no listing shows and the next run removes.
+            dataset.destroy(run_id)
+            path.unlink()
+            _fsync_dir(self.root)
+            return
         info = os.lstat(path)
         if not stat.S_ISDIR(info.st_mode):
             raise MailsnapError(f"refusing to remove {path}: not a directory (a symlink?)")

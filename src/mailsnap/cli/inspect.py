@@ -286,12 +286,12 @@ def _check_job(job: Job, runner: Runner) -> list[dict[str, Any]]:
 
 def _store_kind(job: Job, runner: Runner, target: Path, point_in_time: bool) -> str:
     """How this job's backups are kept, in words (``target_snapshots``, ``full_check_every``)."""
-    from mailsnap import subvolumes
+    from mailsnap.mounts import find_mount
 
     try:
-        btrfs = subvolumes.is_btrfs(runner, target)
+        fstype = find_mount(runner, target).fstype
     except MailsnapError:
-        btrfs = False
+        fstype = ""
     if job.copier != "maildir":
         return "hard-link trees (copier rsync: every folder listed every night)"
     seconds = int(job.full_check_every.total_seconds())
@@ -299,11 +299,15 @@ def _store_kind(job: Job, runner: Runner, target: Path, point_in_time: bool) -> 
                   if seconds % n == 0), f"{seconds}s")
     folders = (f"unchanged folders taken over unlisted, all listed every {every}"
                if seconds else "every folder listed")
-    if btrfs and job.target_snapshots == "auto" and point_in_time:
+    snapshots = fstype in ("btrfs", "zfs")
+    if snapshots and job.target_snapshots == "auto" and point_in_time:
+        if fstype == "zfs":
+            return (f"ZFS snapshots of the dataset mailsnap-{job.name}: the night's changes "
+                    f"applied to it, then `zfs snapshot`, pruned by `zfs destroy`; {folders}")
         return (f"btrfs subvolumes: each backup a snapshot of the previous one with the "
                 f"night's changes, pruned by `btrfs subvolume delete`; {folders}")
-    why = ("target_snapshots = never" if btrfs and job.target_snapshots == "never" else
-           "a live copy" if btrfs else "the target is not on btrfs")
+    why = ("target_snapshots = never" if snapshots and job.target_snapshots == "never" else
+           "a live copy" if snapshots else "the target is not on btrfs or ZFS")
     return f"hard-link trees ({why}); {folders}"
 
 

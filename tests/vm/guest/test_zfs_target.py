@@ -1,0 +1,196 @@
+"""Backups on a ZFS target (``target_snapshots = "auto"``, issue #12), on real ZFS in the guest:
+one dataset per job, each night's changes applied to it and then ``zfs snapshot``, the dated
+backups read-only views of those snapshots, retention by ``zfs destroy``.
+
+The source is a ZFS dataset too (backend zfs); its tree is tests/test_incremental_btrfs.py's
+five users (folder names with spaces, ``&``, quotes, non-ASCII and non-UTF-8 bytes, COPY hard
+links, a symlink), changed by its day of Dovecot. Every backup must be exactly its snapshot
+(tests/helpers/trees.py: names, content, modes, owners, times, hard-link structure) and stay
+so after later nights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import errno
+import json
+import os
+from pathlib import Path
+import shutil
+import subprocess
+import time
+from typing import Any
+
+import pytest
+
+from tests.helpers.trees import diff_trees, snapshot_tree
+from tests.test_incremental_btrfs import BOB, JOERG, PLANS, build_store, change_store, maildir
+from tests.vm.guest.conftest import ZfsSource, mounts_under, sh
+from tests.vm.guest.flow import big_files, mailsnap, run_faulted, write_config
+
+pytestmark = pytest.mark.vm
+
+JOB = "mail"
+
+
+@pytest.fixture
+def zfs_target(pool: str, tmp_path: Path) -> Iterator[Path]:
+    """``mailpool/backup`` mounted at tmp_path/target: the backup disk."""
+    target = tmp_path / "target"
+    sh("zfs", "create", "-o", f"mountpoint={target}", f"{pool}/backup")
+    yield target
+    for mount in sorted(mounts_under(target), key=len, reverse=True):
+        sh("umount", mount, check=False)
+    for attempt in range(5):
+        if subprocess.run(["zfs", "destroy", "-r", "-f", f"{pool}/backup"]).returncode == 0:
+            break
+        time.sleep(0.5 * (attempt + 1))
+
+
+@pytest.fixture
+def source(zfs_source: Any) -> Path:
+    src: ZfsSource = zfs_source()
+    root = src.source / "S"
+    root.mkdir()
+    return root
+
+
+def age(root: Path, seconds: float = 3600) -> None:
+    """Every directory last changed an hour ago, as a night finds a store."""
+    then = time.time() - seconds
+    for dirpath, _dirs, _files in os.walk(root):
+        os.utime(dirpath, (then, then), follow_symlinks=False)
+
+
+def configure(tmp_path: Path, source: Path, target: Path, **extra: object) -> Path:
+    return write_config(tmp_path / "mailsnap.toml", name=JOB, backend="zfs", source=source,
+                        target=target, run_dir=tmp_path / "run", **extra)
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(mailsnap(*args, "--config", config, "--json"), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def backup(config: Path) -> tuple[dict[str, Any], str]:
+    done = cli(config, "backup")
+    (entry,) = json.loads(done.stdout)["jobs"]
+    assert entry["status"] == "ok", done.stderr
+    return entry, done.stderr
+
+
+def exact(source: Path, backup_dir: Path) -> None:
+    differences = diff_trees(source, backup_dir / "mail")
+    assert not differences, "\n".join(differences)
+
+
+def image(path: Path) -> dict[str, Any]:
+    tree = snapshot_tree(path / "mail", excludes=())
+    return {rel: (e.kind, e.mode, e.uid, e.gid, e.mtime_ns, e.size, e.sha256, e.target)
+            for rel, e in tree.entries.items()}
+
+
+def dataset_of(target: Path) -> str:
+    return f"mailpool/backup/mailsnap-{JOB}"
+
+
+def snapshots(target: Path) -> list[str]:
+    out = sh("zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-s", "createtxg",
+             "-d", "1", dataset_of(target))
+    return [line.split("@")[1] for line in out.split()]
+
+
+def views(target: Path) -> list[str]:
+    return sorted(p.name for p in (target / JOB).iterdir()
+                  if p.is_symlink() and p.name[0].isdigit())
+
+
+def test_nights_on_a_zfs_target_are_snapshots_holding_exactly_their_source(
+    source: Path, zfs_target: Path, tmp_path: Path
+) -> None:
+    copies = build_store(source)
+    age(source)
+    config = configure(tmp_path, source, zfs_target, keep_last=2)
+    checks = json.loads(cli(config, "check").stdout)["checks"]
+    (kind,) = [c["detail"] for c in checks if c["check"] == "backups"]
+    assert kind.startswith("ZFS snapshots of the dataset mailsnap-mail"), kind
+    first, err = backup(config)
+    b1 = Path(first["backup"])
+    assert os.readlink(b1) == f".mirror/.zfs/snapshot/{b1.name}"
+    assert f"zfs create -o mountpoint={zfs_target / JOB / '.mirror'}" in err
+    assert f"zfs snapshot {dataset_of(zfs_target)}@{b1.name}" in err
+    exact(source, b1)
+    before = image(b1)
+    with pytest.raises(OSError) as refused:
+        (b1 / "mail" / "intruder").write_text("x")
+    assert refused.value.errno == errno.EROFS
+    assert sh("zfs", "get", "-H", "-o", "value", "mailsnap:store",
+              dataset_of(zfs_target)).strip() == str(zfs_target / JOB)
+    assert os.stat(zfs_target / JOB / ".mirror").st_mode & 0o777 == 0o700
+
+    changes = change_store(source, copies)
+    os.rename(source / maildir(BOB, ".Sent"), source / maildir(BOB, ".Sent Items"))
+    shutil.rmtree(source / maildir(JOERG, PLANS))
+    second, err = backup(config)
+    b2 = Path(second["backup"])
+    assert f"zfs rollback {dataset_of(zfs_target)}@{b1.name}" in err
+    exact(source, b2)
+    assert image(b1) == before  # the earlier backup is as it was
+    copy = second["copy"]
+    assert copy["folders_unchanged"] > 0 and copy["folders_listed"] > 0
+    assert copy["renames"] >= len(changes.renamed)
+    assert copy["removed"] > 0
+    # Renamed messages were renamed in the dataset, not written again.
+    for old, now in changes.renamed:
+        if (source / now).exists():
+            assert os.lstat(b2 / "mail" / now).st_ino == os.lstat(b1 / "mail" / old).st_ino
+
+    done = cli(config, "verify", "--all", "--deep")
+    report = json.loads(done.stdout)
+    assert len(report["backups"]) == 2
+    assert [p for b in report["backups"] for p in b["problems"]] == [], done.stdout
+
+    os.listdir(b1 / "mail")  # someone browses the oldest backup: ZFS mounts its view
+    third, err = backup(config)  # a quiet night; keep_last = 2 prunes the first backup
+    b3 = Path(third["backup"])
+    assert (third["copy"]["copied"], third["copy"]["bytes_written"]) == (0, 0)
+    assert third["pruned"] == [b1.name]
+    assert f"zfs destroy {dataset_of(zfs_target)}@{b1.name}" in err
+    exact(source, b3)
+    assert snapshots(zfs_target) == [b2.name, b3.name]
+    assert views(zfs_target) == [b2.name, b3.name]
+    assert os.readlink(zfs_target / JOB / "latest") == b3.name
+
+
+def test_a_run_killed_mid_copy_or_right_after_its_snapshot_is_finished_by_the_next(
+    source: Path, zfs_target: Path, tmp_path: Path
+) -> None:
+    copies = build_store(source)
+    age(source)
+    config = configure(tmp_path, source, zfs_target)
+    first, _ = backup(config)
+    change_store(source, copies)
+    big_files(source, count=40, size=1024**2)  # the copy still runs when the fault fires
+
+    code, err = run_faulted(config, "mid-copy:SIGKILL")
+    assert code == -9, err
+    assert views(zfs_target) == [Path(first["backup"]).name]
+    second, err = backup(config)  # the mirror is rolled back, then the night runs again
+    assert f"zfs rollback {dataset_of(zfs_target)}@{Path(first['backup']).name}" in err
+    exact(source, Path(second["backup"]))
+
+    (source / maildir(BOB) / "cur" / "1710000000.M9P9.late:2,S").write_bytes(b"late\n")
+    code, err = run_faulted(config, "after-rename:SIGKILL")  # snapshot taken, not named
+    assert code == -9, err
+    orphan = snapshots(zfs_target)[-1]
+    assert orphan not in views(zfs_target)
+    third, err = backup(config)
+    assert "it is published now" in err
+    assert views(zfs_target) == sorted([Path(first["backup"]).name,
+                                        Path(second["backup"]).name, orphan,
+                                        Path(third["backup"]).name])
+    exact(source, zfs_target / JOB / orphan)
+    exact(source, Path(third["backup"]))
+    assert os.readlink(zfs_target / JOB / "latest") == Path(third["backup"]).name
