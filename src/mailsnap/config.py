@@ -319,8 +319,11 @@ class JobBase(Retention):
         default="auto",
         description="'auto': when the target is on btrfs and the copier is 'maildir', each "
         "backup is a btrfs subvolume that starts as a snapshot of the previous one and gets "
-        "only the night's changes; retention deletes it with 'btrfs subvolume delete'. "
-        "'never': a tree of hard links to the previous backup, on any file system.",
+        "only the night's changes; retention deletes it with 'btrfs subvolume delete'. On "
+        "ZFS, the backups are snapshots of one dataset per job (<parent>/mailsnap-<job>, "
+        "mounted at TARGET/<job>/.mirror) that gets each night's changes; retention runs "
+        "'zfs destroy'. 'never': a tree of hard links to the previous backup, on any file "
+        "system.",
     )
     run_dir: Path | None = Field(
         default=None,

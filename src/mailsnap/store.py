@@ -214,7 +214,9 @@ class BackupStore:
         Only ever removes names ending in ``.partial`` directly under this job's directory."""
         if self.dry_run or not partial.exists():
             return
-        if self._open is not None and partial == self._open[1].mountpoint:
+        if partial == self.root / datasets.MIRROR:
+            if self._open is None:
+                return  # published: the mirror is the new backup now
             run_id, dataset = self._open
             self._open = None
             dataset.discard()

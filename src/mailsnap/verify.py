@@ -107,7 +107,9 @@ def structure_problems(content: Path, reported: set[str] | None = None) -> list[
 def verify_backup(backup: Backup, *, deep: bool = False,
                   progress: Callable[[int], None] | None = None) -> VerifyResult:
     result = VerifyResult(backup.run_id, deep=deep)
-    mode = stat.S_IMODE(os.lstat(backup.path).st_mode)
+    # stat, not lstat: a backup on a ZFS target is a symlink to its snapshot (the store lists
+    # no other symlink), whose mode is the snapshot's.
+    mode = stat.S_IMODE(os.stat(backup.path).st_mode)
     if mode != 0o700:
         result.problems.append(f"{backup.path}: mode {mode:04o}, not 0700 (backups are private)")
     content = backup.content

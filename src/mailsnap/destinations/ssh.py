@@ -30,7 +30,7 @@ import socket
 import tempfile
 from typing import ClassVar
 
-from mailsnap import subvolumes
+from mailsnap import datasets, subvolumes
 from mailsnap.backends.base import RUN_ID_RE
 from mailsnap.config import SSH_TARGET_RE, Job, SshDestination
 from mailsnap.copiers.rsync import _rules_file, parse_stats, tmp_rule
@@ -246,8 +246,9 @@ class SshStore:
         move: the Maildir copier linked it) is hard-linked on the remote host from the
         previous remote backup before rsync runs, which then finds it up to date. rsync's
         ``--link-dest`` alone matches by path and would send each again. Backups that are
-        btrfs subvolumes share no hard links: there the two manifests say which file is which
-        (same record under another name in the same mailbox). A link that cannot be made
+        btrfs subvolumes or ZFS snapshots share no hard links: there the two manifests say
+        which file is which (same record under another name in the same mailbox). A link that
+        cannot be made
         there (the remote backup differs) just leaves that file to rsync."""
         if source.local is None:
             return 0
@@ -255,8 +256,10 @@ class SshStore:
         after = source.local / CONTENT
         if not before.is_dir() or not after.is_dir():
             return 0
+        shares_no_links = (subvolumes.is_subvolume(after.parent)
+                           or datasets.is_view(after.parent))
         pairs = (renamed_by_manifest(before.parent / MANIFEST_FILE, after.parent / MANIFEST_FILE)
-                 if subvolumes.is_subvolume(after.parent) else None)
+                 if shares_no_links else None)
         if pairs is None:
             pairs = renamed_pairs(before, after)
         if not pairs:

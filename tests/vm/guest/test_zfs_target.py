@@ -24,7 +24,15 @@ from typing import Any
 import pytest
 
 from tests.helpers.trees import diff_trees, snapshot_tree
-from tests.test_incremental_btrfs import BOB, JOERG, PLANS, build_store, change_store, maildir
+from tests.test_incremental_btrfs import (
+    ALICE,
+    BOB,
+    JOERG,
+    PLANS,
+    build_store,
+    change_store,
+    maildir,
+)
 from tests.vm.guest.conftest import ZfsSource, mounts_under, sh
 from tests.vm.guest.flow import big_files, mailsnap, run_faulted, write_config
 
@@ -70,7 +78,7 @@ def configure(tmp_path: Path, source: Path, target: Path, **extra: object) -> Pa
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(mailsnap(*args, "--config", config, "--json"), capture_output=True,
                           text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-4000:])
     return done
 
 
@@ -112,7 +120,8 @@ def test_nights_on_a_zfs_target_are_snapshots_holding_exactly_their_source(
 ) -> None:
     copies = build_store(source)
     age(source)
-    config = configure(tmp_path, source, zfs_target, keep_last=2)
+    config = configure(tmp_path, source, zfs_target, keep_last=2,
+                       users="{domain}/{user}/Maildir")
     checks = json.loads(cli(config, "check").stdout)["checks"]
     (kind,) = [c["detail"] for c in checks if c["check"] == "backups"]
     assert kind.startswith("ZFS snapshots of the dataset mailsnap-mail"), kind
@@ -151,6 +160,12 @@ def test_nights_on_a_zfs_target_are_snapshots_holding_exactly_their_source(
     report = json.loads(done.stdout)
     assert len(report["backups"]) == 2
     assert [p for b in report["backups"] for p in b["problems"]] == [], done.stdout
+    # Mail comes back out of the older backup's read-only view.
+    out = tmp_path / "restored"
+    cli(config, "restore", "--user", "alice@example.com", "--backup", b1.name, "--into",
+        str(out))
+    alice = b1 / "mail" / maildir(ALICE)
+    assert sorted(os.listdir(out / "cur")) == sorted(os.listdir(alice / "cur"))
 
     os.listdir(b1 / "mail")  # someone browses the oldest backup: ZFS mounts its view
     third, err = backup(config)  # a quiet night; keep_last = 2 prunes the first backup
