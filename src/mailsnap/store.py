@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -53,10 +54,23 @@ def run_id_for(now: datetime) -> str:
 
 @dataclass(frozen=True)
 class Backup:
-    """One published backup."""
+    """One published backup. ``loaded``: its ``mailsnap.json`` as listed, or None for a backup
+    on a ZFS target, whose ``manifest`` is read on first use: reading it mounts the snapshot's
+    view, and a night needs only the newest one's."""
 
     path: Path
-    manifest: dict[str, Any]
+    loaded: dict[str, Any] | None = None
+
+    @functools.cached_property
+    def manifest(self) -> dict[str, Any]:
+        if self.loaded is not None:
+            return self.loaded
+        try:
+            found = json.loads((self.path / MANIFEST).read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("%s: cannot read its %s (%s)", self.path, MANIFEST, exc)
+            return {}
+        return found if isinstance(found, dict) else {}
 
     @property
     def run_id(self) -> str:
@@ -140,9 +154,15 @@ class BackupStore:
             return []
         found = []
         for entry in sorted(self.root.iterdir()):
-            if (not re.fullmatch(RUN_ID_RE, entry.name)
-                    or (entry.is_symlink() and not datasets.is_view(entry))
-                    or not entry.is_dir()):
+            if not re.fullmatch(RUN_ID_RE, entry.name):
+                continue
+            if entry.is_symlink():
+                # A ZFS snapshot's view: published once its snapshot exists (``stat`` does
+                # not mount it). The store follows no other symlink.
+                if datasets.is_view(entry) and entry.is_dir():
+                    found.append(Backup(entry))
+                continue
+            if not entry.is_dir():
                 continue
             try:
                 manifest = json.loads((entry / MANIFEST).read_text())

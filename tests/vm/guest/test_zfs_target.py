@@ -120,7 +120,7 @@ def test_nights_on_a_zfs_target_are_snapshots_holding_exactly_their_source(
 ) -> None:
     copies = build_store(source)
     age(source)
-    config = configure(tmp_path, source, zfs_target, keep_last=2,
+    config = configure(tmp_path, source, zfs_target, keep_last=3,
                        users="{domain}/{user}/Maildir")
     checks = json.loads(cli(config, "check").stdout)["checks"]
     (kind,) = [c["detail"] for c in checks if c["check"] == "backups"]
@@ -167,16 +167,26 @@ def test_nights_on_a_zfs_target_are_snapshots_holding_exactly_their_source(
     alice = b1 / "mail" / maildir(ALICE)
     assert sorted(os.listdir(out / "cur")) == sorted(os.listdir(alice / "cur"))
 
-    os.listdir(b1 / "mail")  # someone browses the oldest backup: ZFS mounts its view
-    third, err = backup(config)  # a quiet night; keep_last = 2 prunes the first backup
+    third, _ = backup(config)  # a quiet night
     b3 = Path(third["backup"])
     assert (third["copy"]["copied"], third["copy"]["bytes_written"]) == (0, 0)
-    assert third["pruned"] == [b1.name]
-    assert f"zfs destroy {dataset_of(zfs_target)}@{b1.name}" in err
     exact(source, b3)
-    assert snapshots(zfs_target) == [b2.name, b3.name]
-    assert views(zfs_target) == [b2.name, b3.name]
-    assert os.readlink(zfs_target / JOB / "latest") == b3.name
+
+    # Views ZFS mounted for this test's reads go; then someone browses the oldest backup.
+    snapdir = zfs_target / JOB / ".mirror" / ".zfs" / "snapshot"
+    for mount in mounts_under(snapdir):
+        sh("umount", mount)
+    os.listdir(b1 / "mail")
+    fourth, err = backup(config)  # keep_last = 3 prunes the (mounted) first backup
+    b4 = Path(fourth["backup"])
+    assert fourth["pruned"] == [b1.name]
+    assert f"zfs destroy {dataset_of(zfs_target)}@{b1.name}" in err
+    # The night read the newest backup's manifest only: no other view was mounted.
+    assert {Path(m).name for m in mounts_under(snapdir)} <= {b3.name, b4.name}
+    exact(source, b4)
+    assert snapshots(zfs_target) == [b2.name, b3.name, b4.name]
+    assert views(zfs_target) == [b2.name, b3.name, b4.name]
+    assert os.readlink(zfs_target / JOB / "latest") == b4.name
 
 
 def test_a_run_killed_mid_copy_or_right_after_its_snapshot_is_finished_by_the_next(
@@ -209,3 +219,16 @@ def test_a_run_killed_mid_copy_or_right_after_its_snapshot_is_finished_by_the_ne
     exact(source, zfs_target / JOB / orphan)
     exact(source, Path(third["backup"]))
     assert os.readlink(zfs_target / JOB / "latest") == Path(third["backup"]).name
+
+    # A night the shrink guard refuses fails after its copy: the mirror goes back to the
+    # newest backup at once, and nothing new is published.
+    newest = Path(third["backup"])
+    for gone in ("example.com", "example.net", "bulk"):
+        shutil.rmtree(source / gone)
+    done = subprocess.run(mailsnap("backup", "--config", config), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode != 0 and "min_keep_percent" in done.stderr, done.stderr[-3000:]
+    assert f"zfs rollback {dataset_of(zfs_target)}@{newest.name}" in done.stderr
+    assert diff_trees(newest / "mail", zfs_target / JOB / ".mirror" / "mail") == []
+    assert views(zfs_target)[-1] == newest.name
+    assert snapshots(zfs_target)[-1] == newest.name
