@@ -101,10 +101,7 @@ class JobDataset:
                 f"dataset {dataset.name} belongs to this store but is not mounted at "
                 f"{dataset.mountpoint}: mount it there (`zfs set mountpoint="
                 f"{dataset.mountpoint} {dataset.name}`) and run again")
-        runner.run(["zfs", "create", "-o", f"mountpoint={dataset.mountpoint}",
-                    "-o", "atime=off", "-o", f"{STORE_PROPERTY}={root}", dataset.name],
-                   mutates=True, hint="the pool may be full, or the target read-only")
-        os.chmod(dataset.mountpoint, 0o700)
+        dataset._create()
         log.info("created dataset %s for the backups of %s", dataset.name, root.name)
         return dataset
 
@@ -157,9 +154,12 @@ class JobDataset:
         self.runner.run(["zfs", "destroy", self.name], mutates=True,
                         hint="something may still use the mirror: see `fuser -vm "
                              f"{self.mountpoint}`")
+        self._create()
+
+    def _create(self) -> None:
         self.runner.run(["zfs", "create", "-o", f"mountpoint={self.mountpoint}",
                          "-o", "atime=off", "-o", f"{STORE_PROPERTY}={self.root}", self.name],
-                        mutates=True)
+                        mutates=True, hint="the pool may be full, or the target read-only")
         os.chmod(self.mountpoint, 0o700)
 
     def discard(self) -> None:
