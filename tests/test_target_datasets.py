@@ -141,15 +141,15 @@ def test_nights_are_snapshots_of_one_dataset_with_dated_read_only_names(zfs: Fak
     night(store, ID1, {"cur/1:2,S": "one", "cur/2:2,S": "two"})
     store.discard(zfs.mirror)  # the pipeline's undo, run after every publish: nothing to do
     assert mutating(zfs) == [
-        f"zfs create -o mountpoint={zfs.mirror} -o atime=off "
+        f"zfs create -o mountpoint={zfs.mirror} -o atime=off -o com.sun:auto-snapshot=false "
         f"-o mailsnap:store={zfs.root} {zfs.name}",
         f"zfs snapshot {zfs.name}@{ID1}",
     ]
     assert os.stat(zfs.mirror).st_mode & 0o777 == 0o700
     zfs.runner.calls.clear()
     night(store, ID2, {"cur/1:2,RS": "one", "new/3": "three"})
-    assert mutating(zfs) == [f"zfs rollback {zfs.name}@{ID1}",
-                             f"zfs snapshot {zfs.name}@{ID2}"]
+    # The mirror is as the last night left it (its mailsnap.json names ID1): no rollback.
+    assert mutating(zfs) == [f"zfs snapshot {zfs.name}@{ID2}"]
     assert os.readlink(zfs.root / ID1) == f".mirror/.zfs/snapshot/{ID1}"
     assert os.readlink(zfs.root / "latest") == ID2
     assert [b.run_id for b in store.backups()] == [ID1, ID2]
@@ -169,9 +169,23 @@ def test_a_run_starts_from_the_newest_backup_whatever_a_failed_run_left(zfs: Fak
     assert files_in(mirror / CONTENT) == {"cur/1": "one"}
     assert not os.path.lexists(zfs.root / ID2)
     # A run killed outright (no undo ran): the next one rolls back before it copies.
+    store.begin(ID2, kind="dataset", base=store.latest())
     (mirror / CONTENT / "cur/junk").write_text("half a copy")
-    assert files_in(night(store, ID3, {"cur/1": "one", "cur/2": "two"}) / CONTENT) == {
-        "cur/1": "one", "cur/2": "two"}
+    zfs.runner.calls.clear()
+    fresh = BackupStore(zfs.root, runner=zfs.runner)
+    mirror = fresh.begin(ID3, kind="dataset", base=fresh.latest())
+    assert mutating(zfs) == [f"zfs rollback {zfs.name}@{ID1}"]
+    assert files_in(mirror / CONTENT) == {"cur/1": "one"}
+
+
+def test_a_snapshot_someone_else_took_later_does_not_stop_a_night(zfs: FakeZfs) -> None:
+    store = store_of(zfs)
+    night(store, ID1, {"cur/1": "one"})
+    zfs.runner.run(["zfs", "snapshot", f"{zfs.name}@zfs-auto-snap_hourly-2026-12-01-0317"],
+                   mutates=True)
+    night(store, ID2, {"cur/1": "one", "cur/2": "two"})  # the fake refuses a rollback now
+    assert [b.run_id for b in store.backups()] == [ID1, ID2]
+    assert files_in(zfs.snapdir(ID2) / CONTENT) == {"cur/1": "one", "cur/2": "two"}
 
 
 def test_after_a_crashed_first_run_the_dataset_starts_empty(zfs: FakeZfs) -> None:
@@ -182,7 +196,7 @@ def test_after_a_crashed_first_run_the_dataset_starts_empty(zfs: FakeZfs) -> Non
     night(BackupStore(zfs.root, runner=zfs.runner), ID2, {"cur/1": "one"})
     assert mutating(zfs)[:2] == [
         f"zfs destroy {zfs.name}",
-        f"zfs create -o mountpoint={zfs.mirror} -o atime=off "
+        f"zfs create -o mountpoint={zfs.mirror} -o atime=off -o com.sun:auto-snapshot=false "
         f"-o mailsnap:store={zfs.root} {zfs.name}",
     ]
     assert files_in(zfs.root / ID2 / CONTENT) == {"cur/1": "one"}
@@ -263,3 +277,16 @@ def test_the_pipeline_chooses_zfs_snapshots_on_a_zfs_target(zfs: FakeZfs) -> Non
     never = SimpleNamespace(target_snapshots="never", name="mail")
     assert target_snapshots(never, store, view, "maildir", previous) == (  # type: ignore[arg-type]
         "tree", None)
+
+
+def test_check_says_a_zfs_targets_backups_are_snapshots(zfs: FakeZfs) -> None:
+    from mailsnap.cli.inspect import _store_kind
+    from mailsnap.config import BtrfsJob
+
+    job = BtrfsJob(backend="btrfs", name="mail", source=Path("/srv/mail"),
+                   target=zfs.root.parent)
+    assert _store_kind(job, zfs.runner, zfs.root, True).startswith(
+        "ZFS snapshots of the dataset mailsnap-mail: the night's changes applied to it, then "
+        "`zfs snapshot`, pruned by `zfs destroy`")
+    assert _store_kind(job, zfs.runner, zfs.root, False).startswith(
+        "hard-link trees (a live copy)")

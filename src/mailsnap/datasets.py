@@ -83,8 +83,8 @@ class JobDataset:
 
     @classmethod
     def ensure(cls, runner: Runner, root: Path) -> JobDataset:
-        """The job's dataset, created (mounted at ``root/.mirror``, mode 0700, no atime
-        updates: reading a backup must not write to it) when it does not exist yet."""
+        """The job's dataset, created (mounted at ``root/.mirror``, mode 0700) when it does
+        not exist yet."""
         from mailsnap.mounts import find_mount
 
         found = cls.at(runner, root)
@@ -140,7 +140,8 @@ class JobDataset:
             self.runner.run(
                 ["zfs", "rollback", f"{self.name}@{base}"], mutates=True,
                 hint=f"{base} must be the newest snapshot of {self.name}: destroy (or move "
-                     "away) the snapshots taken after it that are not mailsnap's")
+                     "away) the snapshots taken after it that are not mailsnap's (mailsnap "
+                     "sets com.sun:auto-snapshot=false on it; exclude it from sanoid too)")
             return
         if not os.listdir(self.mountpoint):  # new (``.zfs`` is not listed): nothing to undo
             return
@@ -157,8 +158,11 @@ class JobDataset:
         self._create()
 
     def _create(self) -> None:
+        # No atime: reading a backup must not write to the mirror. No zfs-auto-snapshot: a
+        # snapshot taken after the newest backup would stop the rollback of a failed night.
         self.runner.run(["zfs", "create", "-o", f"mountpoint={self.mountpoint}",
-                         "-o", "atime=off", "-o", f"{STORE_PROPERTY}={self.root}", self.name],
+                         "-o", "atime=off", "-o", "com.sun:auto-snapshot=false",
+                         "-o", f"{STORE_PROPERTY}={self.root}", self.name],
                         mutates=True, hint="the pool may be full, or the target read-only")
         os.chmod(self.mountpoint, 0o700)
 

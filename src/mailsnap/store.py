@@ -219,7 +219,8 @@ class BackupStore:
 
     def _begin_in_dataset(self, run_id: str, base: Backup | None) -> Path:
         dataset = datasets.JobDataset.ensure(self.runner, self.root)
-        dataset.reset(base.run_id if base is not None else None)
+        if base is None or not _still_holds(dataset.mountpoint, base.run_id):
+            dataset.reset(base.run_id if base is not None else None)
         self._open = (run_id, dataset)
         mirror = dataset.mountpoint
         for own in (MANIFEST, MANIFEST_FILE):  # the previous backup's, not this one's
@@ -433,6 +434,18 @@ class BackupStore:
             subvolumes.delete(self.runner, path)
         else:
             shutil.rmtree(path)
+
+
+def _still_holds(mirror: Path, run_id: str) -> bool:
+    """The job dataset's mirror is still the backup ``run_id``, as the night that made it left
+    it: its ``mailsnap.json`` names it. A run removes that file before it changes anything
+    else, so one killed at any point after has left it gone (ZFS keeps the order of changes
+    through a crash). Then no rollback is needed, and a snapshot someone else took after the
+    backup (zfs-auto-snapshot, sanoid) does not stand in the way."""
+    try:
+        return bool(json.loads((mirror / MANIFEST).read_text()).get("run_id") == run_id)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _fsync_dir(path: Path) -> None:
