@@ -50,6 +50,8 @@ class FakeZfs:
         runner.on("zfs", "snapshot", effect=self._snapshot)
         runner.on("zfs", "rollback", effect=self._rollback)
         runner.on("zfs", "destroy", effect=self._destroy)
+        runner.on("zfs", "get", "-H", "-p", "-o", "value", effect=self._get)
+        self._get_rule = runner.rules[0]
         runner.on("umount", exit_code=32, stderr="umount: not mounted.")
         runner.on("findmnt", "--json", "--mountpoint", exit_code=1)
         self._list()
@@ -64,6 +66,13 @@ class FakeZfs:
         self.runner.on("zfs", "list", "-H", "-o", "name", self.name, stdout=self.name + "\n")
         self.runner.on("zfs", "get", "-H", "-p", "-o", "value", datasets.STORE_PROPERTY,
                        self.name, stdout=self.owner + "\n")
+
+    def _get(self) -> None:
+        """``written@<snapshot>``: 0 while the mirror is what the snapshot holds."""
+        prop = self._argv()[-2]
+        if prop.startswith("written@"):
+            same = tree_of(self.mirror) == tree_of(self.snapdir(prop.split("@")[1]))
+            self._get_rule.stdout = "0\n" if same else "131072\n"
 
     def snapdir(self, run_id: str) -> Path:
         return self.mirror / datasets.SNAPSHOT_DIR / run_id
@@ -100,6 +109,12 @@ class FakeZfs:
     def _list(self) -> None:
         self.runner.on("zfs", "list", "-H", "-p", "-t", "snapshot",
                        stdout="".join(f"{self.name}@{s}\n" for s in self.snaps))
+
+
+def tree_of(root: Path) -> dict[str, bytes | None]:
+    """Every file's content and every directory (None) below ``root``, ``.zfs`` left out."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
+            for p in root.rglob("*") if ".zfs" not in p.relative_to(root).parts}
 
 
 @pytest.fixture
@@ -176,6 +191,16 @@ def test_a_run_starts_from_the_newest_backup_whatever_a_failed_run_left(zfs: Fak
     mirror = fresh.begin(ID3, kind="dataset", base=fresh.latest())
     assert mutating(zfs) == [f"zfs rollback {zfs.name}@{ID1}"]
     assert files_in(mirror / CONTENT) == {"cur/1": "one"}
+
+
+def test_a_mirror_changed_by_hand_is_rolled_back_before_the_night(zfs: FakeZfs) -> None:
+    store = store_of(zfs)
+    night(store, ID1, {"cur/1:2,S": "one", "cur/2:2,S": "two"})
+    (zfs.mirror / CONTENT / "cur/2:2,S").unlink()  # its mailsnap.json still names ID1
+    zfs.runner.calls.clear()
+    mirror = store.begin(ID2, kind="dataset", base=store.latest())
+    assert mutating(zfs) == [f"zfs rollback {zfs.name}@{ID1}"]
+    assert files_in(mirror / CONTENT) == {"cur/1:2,S": "one", "cur/2:2,S": "two"}
 
 
 def test_a_snapshot_someone_else_took_later_does_not_stop_a_night(zfs: FakeZfs) -> None:

@@ -116,6 +116,16 @@ class JobDataset:
     def backups(self) -> list[str]:
         return [s for s in self.snapshots() if re.fullmatch(RUN_ID_RE, s)]
 
+    def unchanged_since(self, snapshot: str) -> bool:
+        """Nothing was written to the dataset since ``snapshot`` (``written@``). ZFS counts as
+        of its last committed transaction group: a change made by hand hours ago shows, one
+        a run made a second before it was killed may not yet (the store's own check covers
+        that)."""
+        result = self.runner.run(["zfs", "get", "-H", "-p", "-o", "value",
+                                  f"written@{snapshot}", self.name],
+                                 mutates=False, ok_codes=(0, 1))
+        return result.exit_code == 0 and result.stdout.strip() == "0"
+
     def _exists(self) -> bool:
         result = self.runner.run(["zfs", "list", "-H", "-o", "name", self.name],
                                  mutates=False, ok_codes=(0, 1))

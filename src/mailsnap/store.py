@@ -219,7 +219,12 @@ class BackupStore:
 
     def _begin_in_dataset(self, run_id: str, base: Backup | None) -> Path:
         dataset = datasets.JobDataset.ensure(self.runner, self.root)
-        if base is None or not _still_holds(dataset.mountpoint, base.run_id):
+        # Rolled back unless it is the backup it was (so that someone else's snapshot taken
+        # since, sanoid's or an admin's, does not stop the night): its mailsnap.json still
+        # names it (a run killed a moment ago removed it), and ZFS says nothing was written
+        # since (a change made by hand in the mirror).
+        if (base is None or not _still_holds(dataset.mountpoint, base.run_id)
+                or not dataset.unchanged_since(base.run_id)):
             dataset.reset(base.run_id if base is not None else None)
         self._open = (run_id, dataset)
         mirror = dataset.mountpoint
@@ -440,8 +445,7 @@ def _still_holds(mirror: Path, run_id: str) -> bool:
     """The job dataset's mirror is still the backup ``run_id``, as the night that made it left
     it: its ``mailsnap.json`` names it. A run removes that file before it changes anything
     else, so one killed at any point after has left it gone (ZFS keeps the order of changes
-    through a crash). Then no rollback is needed, and a snapshot someone else took after the
-    backup (zfs-auto-snapshot, sanoid) does not stand in the way."""
+    through a crash)."""
     try:
         return bool(json.loads((mirror / MANIFEST).read_text()).get("run_id") == run_id)
     except (OSError, ValueError, AttributeError):
