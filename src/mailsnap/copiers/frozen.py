@@ -28,9 +28,8 @@ another change list (``btrfs send --no-data``) is ``Listing``.
 
 In place (``target_snapshots``): the backup directory already holds a writable snapshot of the
 previous backup. Then an unchanged folder costs nothing at all, a kept message no system call,
-a renamed or moved one a ``link`` inside the snapshot, and what the source no longer has is
-removed when its mailbox is done (a message moved to another folder is linked from its old
-place first).
+a renamed or moved one a ``rename`` inside the snapshot (a ``link`` when its old name stays),
+and what else the source no longer has is removed when its mailbox is done.
 """
 
 from __future__ import annotations
@@ -196,6 +195,11 @@ class _Section:
     # (never a source for such a link).
     removals: list[str] = field(default_factory=list)
     replaced: set[str] = field(default_factory=set)
+    # In place, once the mailbox is walked: the removals as a set, and the previous files
+    # renamed to their new name and place (old path → new path; ``begin_move``).
+    going: frozenset[str] = frozenset()
+    moved: dict[str, str] = field(default_factory=dict)
+    moving: set[str] = field(default_factory=set)
     # Names a link is being made from right now (``begin_link``). A link made first gets
     # the previous file; one begun after the name is ``replaced`` is not made. Only the
     # bookkeeping is locked, not the link() or the append: two workers linking renamed
@@ -216,14 +220,43 @@ class _Section:
     # in place, not those of a section reused whole (nothing was done in them).
     made: list[tuple[str, os.stat_result]] = field(default_factory=list)
 
-    def begin_link(self, name: str) -> bool:
-        """Whether a link may be made from the previous file at ``name`` (False: it was
-        replaced). After True, ``end_link`` must follow."""
+    def begin_move(self, name: str) -> bool:
+        """In place: whether the previous file at ``name`` may be renamed to its new name
+        (the source no longer has it there, and no link is being made from it). A rename
+        is one change to the snapshot's b-tree where a link and the unlink after it are two.
+        After True, ``end_move`` must follow."""
         with self.lock:
-            if name in self.replaced:
+            if (name in self.replaced or name in self.moving or name in self.moved
+                    or name in self.linking or not self._going(name)):
                 return False
-            self.linking[name] = self.linking.get(name, 0) + 1
+            self.moving.add(name)
             return True
+
+    def end_move(self, name: str, to: str | None) -> None:
+        """``to``: where it is now (None: the rename failed; it is where it was)."""
+        with self.lock:
+            self.moving.discard(name)
+            if to is not None:
+                self.moved[name] = to
+            self.lock.notify_all()
+
+    def _going(self, name: str) -> bool:
+        while name:
+            if name in self.going:
+                return True
+            name = name.rpartition("/")[0]
+        return False
+
+    def begin_link(self, name: str) -> str | None:
+        """Where a link to the previous file at ``name`` may be made from: ``name``, or the
+        new name it was renamed to (``begin_move``); None: it was replaced. After a path,
+        ``end_link(name)`` must follow."""
+        with self.lock:
+            self.lock.wait_for(lambda: name not in self.moving)
+            if name in self.replaced:
+                return None
+            self.linking[name] = self.linking.get(name, 0) + 1
+            return self.moved.get(name, name)
 
     def end_link(self, name: str) -> None:
         with self.lock:
@@ -238,7 +271,7 @@ class _Section:
         links begun from it are made, so it may be removed or changed."""
         with self.lock:
             self.replaced.add(name)
-            self.lock.wait_for(lambda: name not in self.linking)
+            self.lock.wait_for(lambda: name not in self.linking and name not in self.moving)
 
 
 class FrozenCopy:
@@ -416,6 +449,8 @@ class FrozenCopy:
         previous = section.previous
         if previous is not None:  # before any task runs: a moved message is not in these
             previous.settled = frozenset(section.taken_over)
+        if self.in_place:
+            section.going = frozenset(section.removals)
         self._drain(section)
         if section.removals:
             section.changed = True
@@ -715,15 +750,9 @@ class FrozenCopy:
                 tail = previous.tail(old)
                 if tail is None or not same_file(tail, info):
                     continue  # same base name, other content or owner: not this message
-                if not self.dry_run:
-                    if not section.begin_link(old):
-                        continue
-                    try:
-                        self._link_previous(self._prev(old), f"{dst_dir}/{name}")
-                    except FileNotFoundError:
-                        continue
-                    finally:
-                        section.end_link(old)
+                if not self.dry_run and not self._bring(section, old, child,
+                                                        f"{dst_dir}/{name}"):
+                    continue
                 result.link(child, tail, info.st_size, renamed=old != child)
                 self._remember(section, info, child, tail)
                 return
@@ -735,6 +764,31 @@ class FrozenCopy:
             return
         self._copy_message(child, f"{src_dir}/{name}", f"{dst_dir}/{name}", result, section,
                            info)
+
+    def _bring(self, section: _Section, old: str, child: str, target: str) -> bool:
+        """Put the previous file at ``old`` at ``target`` (``child``'s place): renamed, in
+        place, when ``old`` goes anyway; else hard-linked, from where it is now. False: it
+        is not there (replaced, or gone from the previous backup)."""
+        if section.begin_move(old):
+            moved_to = None
+            try:
+                os.rename(self._prev(old), target)
+                moved_to = child
+            except FileNotFoundError:
+                return False
+            finally:
+                section.end_move(old, moved_to)
+            return True
+        where = section.begin_link(old)
+        if where is None:
+            return False
+        try:
+            self._link_previous(self._prev(where), target)
+        except FileNotFoundError:
+            return False
+        finally:
+            section.end_link(old)
+        return True
 
     def _remember(self, section: _Section, info: os.stat_result, child: str,
                   tail: str) -> None:
