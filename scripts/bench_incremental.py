@@ -5,7 +5,8 @@ new mail and after a busy day, and what removing the oldest backup costs.
 
     sudo PYTHONPATH=src .venv/bin/python scripts/bench_incremental.py [--quick]
         [--messages 20000] [--repeat 3] [--full-repeat 1] [--cold]
-        [--target-fs ext4|btrfs|source] [--scenarios full,nochange,renames,newmail,flags10,prune]
+        [--target-fs ext4|btrfs|source]
+        [--scenarios full,nochange,renames,newmail,flags10,prune,prune-cold]
         [--methods mailsnap-maildir,mailsnap-rsync,rsync,doveadm] [--work /var/tmp]
         [--keep] [--json FILE]
 
@@ -39,6 +40,12 @@ target:
 - ``prune``: each repetition removes the oldest backup of each method with history:
   ``mailsnap prune`` of the job with ``keep_last`` one short (on a btrfs target a
   ``btrfs subvolume delete``; else one unlink per file), ``rm -rf`` of rsync's oldest tree.
+  The benchmark has just read every backup, so their inodes are cached, and a btrfs delete
+  evicts each from the cache in the foreground;
+- ``prune-cold``: the same as a nightly prune finds it, where nothing read an old backup
+  since it was made: the kernel's dentries and inodes are dropped first (``drop_caches``
+  2), then, untimed, ``mailsnap prune --dry-run`` (``rm --version`` for rsync) brings the
+  program's own files back;
 
 A change set is applied once to the live source, then every method backs up that same state
 once, the methods in a rotating order (each takes its own snapshot; nothing changes between
@@ -145,7 +152,7 @@ FLAG_WEIGHTS = (70, 10, 8, 5, 2, 5)
 NEW_SHARE = 0.05  # of INBOX and list mail, still in new/ (not yet seen by a client), at least
 COPY_SHARE = 0.01  # messages also COPYed (hard-linked) into another folder
 METHODS = ("mailsnap-maildir", "mailsnap-rsync", "rsync", "doveadm")
-SCENARIOS = ("full", "nochange", "renames", "newmail", "flags10", "prune")
+SCENARIOS = ("full", "nochange", "renames", "newmail", "flags10", "prune", "prune-cold")
 # Share of the store each scenario changes (for the plot against the change rate).
 CHANGE_RATE = {"nochange": 0.0, "newmail": 0.01, "renames": 0.02, "flags10": 0.10}
 RSYNC_ROW = "rsync --link-dest"
@@ -737,6 +744,8 @@ class Method(Protocol):
 
     def prune(self) -> Outcome | None: ...
 
+    def warm(self) -> None: ...
+
 
 class MailsnapMethod:
     def __init__(self, name: str, job: str, config: Path, target: Path, logs: Path,
@@ -769,10 +778,7 @@ class MailsnapMethod:
 
     def prune(self) -> Outcome | None:
         """``mailsnap prune`` of the oldest backup: the job with ``keep_last`` one short."""
-        kept = len(self.backups()) - 1
-        config = self.logs / f"{self.name}-prune.toml"
-        config.write_text(self.config.read_text().replace(
-            f'name = "{self.job}"', f'name = "{self.job}"\nkeep_last = {kept}'))
+        config = self._prune_config()
         out = self.logs / f"{self.name}-prune.json"
         argv = [sys.executable, "-m", "mailsnap", "prune", "--config", str(config), "--job",
                 self.job, "--json"]
@@ -782,6 +788,19 @@ class MailsnapMethod:
         if len(removed) != 1:
             raise RuntimeError(f"mailsnap prune removed {removed}, not the oldest backup")
         return Outcome(seconds, peak, self.backups()[-1] / "mail")
+
+    def _prune_config(self) -> Path:
+        kept = len(self.backups()) - 1
+        config = self.logs / f"{self.name}-prune.toml"
+        config.write_text(self.config.read_text().replace(
+            f'name = "{self.job}"', f'name = "{self.job}"\nkeep_last = {kept}'))
+        return config
+
+    def warm(self) -> None:
+        """What a night's prune finds cached: Python and mailsnap (not the backups)."""
+        subprocess.run([sys.executable, "-m", "mailsnap", "prune", "--dry-run", "--config",
+                        str(self._prune_config()), "--job", self.job],
+                       check=True, capture_output=True, env=self.env)
 
     def wipe(self) -> None:
         root = self.target / self.job
@@ -826,6 +845,9 @@ class RsyncMethod:
         seconds, peak = run_child(["rm", "-rf", str(oldest)], self.logs / "rsync.log")
         assert self.previous is not None
         return Outcome(seconds, peak, self.previous)
+
+    def warm(self) -> None:
+        sh("rm", "--version")
 
     def wipe(self) -> None:
         shutil.rmtree(self.target, ignore_errors=True)
@@ -903,6 +925,9 @@ class DoveadmMethod:
     def prune(self) -> Outcome | None:
         return None  # a mirror: no history to prune
 
+    def warm(self) -> None:
+        pass
+
 
 @dataclass
 class Sample:
@@ -952,9 +977,10 @@ def measure_prune(method: Method, scenario: str, rep: int) -> Sample | None:
                   files=0, statvfs_delta_bytes=0)
 
 
-def drop_caches() -> None:
+def drop_caches(what: str = "3") -> None:
+    """3: the page cache, dentries and inodes; 2: dentries and inodes."""
     os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    Path("/proc/sys/vm/drop_caches").write_text(f"{what}\n")
 
 
 def vmail_owner(want_doveadm: bool) -> tuple[int, int]:
@@ -1030,7 +1056,7 @@ def summarize(samples: list[Sample], method_order: Sequence[str]) -> list[dict[s
                 if method == "rsync" and s.snapshot_seconds is not None:
                     groups.setdefault(f"{RSYNC_ROW} +snapshot", []).append(
                         (s.seconds + s.snapshot_seconds, s))
-                if method == "rsync" and scenario != "prune":
+                if method == "rsync" and not scenario.startswith("prune"):
                     # Its data on disk, as mailsnap's is when it publishes.
                     groups.setdefault(f"{RSYNC_ROW} +sync", []).append(
                         (s.seconds + s.flush_seconds, s))
@@ -1265,7 +1291,10 @@ def main() -> int:
                     if args.cold:
                         drop_caches()
                     try:
-                        if scenario == "prune":
+                        if scenario == "prune-cold":
+                            drop_caches("2")
+                            method.warm()
+                        if scenario.startswith("prune"):
                             pruned = measure_prune(method, scenario, rep + 1)
                             if pruned is None:
                                 continue
