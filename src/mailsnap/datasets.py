@@ -1,10 +1,11 @@
 """Backups as snapshots of one ZFS dataset per job (``target_snapshots = "auto"`` on ZFS).
 
 On a ZFS target a job's backups live in a dataset of their own, ``<parent>/mailsnap-<job>``,
-mounted at ``TARGET/<job>/.mirror``. Between runs it holds the newest backup. A run rolls it
-back to that backup's snapshot (which throws away whatever a failed run left), applies the
-night's changes in place, and publishes with ``zfs snapshot <dataset>@<run id>``: that is the
-commit point. The dated backup ``TARGET/<job>/<run id>`` is a symlink to the snapshot's
+mounted at ``TARGET/<job>/.mirror``. Between runs it holds the newest backup. A run whose
+mirror is not as the last run left it (a run killed before its snapshot, a change made by
+hand: ``store.BackupStore`` tells) first rolls it back to that backup's snapshot; it then
+applies the night's changes in place and publishes with ``zfs snapshot <dataset>@<run id>``:
+that is the commit point. The dated backup ``TARGET/<job>/<run id>`` is a symlink to the snapshot's
 read-only view, ``.mirror/.zfs/snapshot/<run id>``, which ZFS mounts on first access.
 Retention destroys the snapshot (O(1) in the foreground), then the symlink.
 
