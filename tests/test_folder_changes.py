@@ -18,7 +18,7 @@ from mailsnap import manifest as manifest_module
 from mailsnap.config import DEFAULT_EXCLUDES
 from mailsnap.copiers import frozen as frozen_module
 from mailsnap.copiers import live as live_module
-from mailsnap.copiers.base import Previous
+from mailsnap.copiers.base import CopyStats, Previous
 from mailsnap.copiers.changes import CLOCK_SLACK_NS, FolderTimes, directory_fields, plan_folders
 from mailsnap.copiers.maildir import MaildirCopier, base_name
 from mailsnap.manifest import PreviousManifest, read_records
@@ -57,6 +57,14 @@ def backup(src: Path, dest: Path, previous: Path | None = None,
 
 def manifest_of(dest: Path) -> Path:
     return dest.with_name(dest.name + ".manifest.zst")
+
+
+def copy_in_place(src: Path, dest: Path, previous: Path) -> CopyStats:
+    """The copy into ``dest``, which holds a copy of ``previous`` (times kept), as a backup
+    that starts as a snapshot of the previous one does."""
+    copier = MaildirCopier(Runner(), frozen=True, full_check_every=timedelta(days=7))
+    return copier.copy(src, dest, excludes=DEFAULT_EXCLUDES, manifest=manifest_of(dest),
+                       previous=Previous(previous, manifest_of(previous), in_place=True))
 
 
 @pytest.fixture
@@ -368,10 +376,7 @@ def test_in_place_a_quiet_night_looks_at_nothing_in_the_backup(
     monkeypatch.setattr(os, "lstat", watched(os.lstat))
     monkeypatch.setattr(os, "utime", watched(os.utime))
     monkeypatch.setattr(os, "chmod", watched(os.chmod))
-    copier = MaildirCopier(Runner(), frozen=True, full_check_every=timedelta(days=7))
-    stats = copier.copy(store, dest, excludes=DEFAULT_EXCLUDES, manifest=manifest_of(dest),
-                        previous=Previous(tmp_path / "one", manifest_of(tmp_path / "one"),
-                                          in_place=True))
+    stats = copy_in_place(store, dest, tmp_path / "one")
     assert looked == []
     assert stats.summary.folders_listed == 0
     monkeypatch.undo()
@@ -397,10 +402,7 @@ def test_in_place_a_changed_folder_costs_its_own_records_only(
         return real(self, rel)
 
     monkeypatch.setattr(manifest_module.Section, "records_in", records_in)
-    copier = MaildirCopier(Runner(), frozen=True, full_check_every=timedelta(days=7))
-    stats = copier.copy(store, dest, excludes=DEFAULT_EXCLUDES, manifest=manifest_of(dest),
-                        previous=Previous(tmp_path / "one", manifest_of(tmp_path / "one"),
-                                          in_place=True))
+    stats = copy_in_place(store, dest, tmp_path / "one")
     monkeypatch.undo()
     assert set(read) == {".Archive/new"}
     assert (stats.summary.folders_listed, stats.summary.copied) == (1, 1)
@@ -451,10 +453,7 @@ def test_in_place_a_renamed_or_moved_message_is_renamed_in_the_backup(
 
     monkeypatch.setattr(os, "rename", watched(os.rename))
     monkeypatch.setattr(os, "link", watched(os.link))
-    copier = MaildirCopier(Runner(), frozen=True, full_check_every=timedelta(days=7))
-    stats = copier.copy(store, dest, excludes=DEFAULT_EXCLUDES, manifest=manifest_of(dest),
-                        previous=Previous(tmp_path / "one", manifest_of(tmp_path / "one"),
-                                          in_place=True))
+    stats = copy_in_place(store, dest, tmp_path / "one")
     monkeypatch.undo()
     assert diff_trees(store, dest) == []
     assert sorted(kind for kind, _old, _new in calls) == ["link", "rename", "rename"], calls
