@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 import shutil
+import signal
 import subprocess
 import time
 from typing import Any
@@ -235,3 +236,105 @@ def test_a_run_killed_mid_copy_or_right_after_its_snapshot_is_finished_by_the_ne
     assert diff_trees(newest / "mail", zfs_target / JOB / ".mirror" / "mail") == []
     assert views(zfs_target)[-1] == newest.name
     assert snapshots(zfs_target)[-1] == newest.name
+
+
+def stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (state T in /proc/PID/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
+def test_a_full_dataset_two_runs_at_once_and_unmounted_datasets_lose_nothing(
+    source: Path, zfs_target: Path, tmp_path: Path, pool: str
+) -> None:
+    """The worst nights on a ZFS target; after each, every backup is as it was and the next
+    night is exact.
+
+    - The source's dataset not mounted (the mail volume missing): refused before any
+      snapshot.
+    - The job's dataset not mounted: refused with how to mount it. Its dated names, which
+      then point nowhere, are kept (a sweep must not take them for an interrupted prune's).
+    - A second run while one is stopped mid-copy, and a prune then: refused (exit 3), and
+      the stopped run, resumed, publishes an exact backup.
+    - A quota reached mid-copy (as a full pool would be): the night fails with ZFS's error,
+      the mirror is rolled back to the newest backup and nothing is published."""
+    build_store(source)
+    age(source)
+    config = configure(tmp_path, source, zfs_target)
+    first, _ = backup(config)
+    b1 = Path(first["backup"])
+    before = image(b1)
+    dataset = dataset_of(zfs_target)
+
+    def refused(*args: str) -> tuple[int, str]:
+        done = subprocess.run(mailsnap(*(args or ("backup",)), "--config", config),
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode != 0, done.stderr[-3000:]
+        return done.returncode, done.stderr
+
+    def as_it_was(*names: str) -> None:
+        assert views(zfs_target) == list(names)
+        assert snapshots(zfs_target) == list(names)
+        assert image(b1) == before
+        leftovers = sh("zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r", f"{pool}/mail")
+        assert "mailsnap" not in leftovers
+        assert mounts_under(tmp_path / "run") == []
+
+    sh("zfs", "unmount", f"{pool}/mail/vmail")
+    _code, err = refused()
+    said = err.strip().splitlines()[-1]
+    assert str(source) in said, err[-3000:]
+    assert "zfs snapshot" not in err and "zfs rollback" not in err
+    sh("zfs", "mount", f"{pool}/mail/vmail")
+    as_it_was(b1.name)
+
+    for mount in mounts_under(zfs_target / JOB / ".mirror" / ".zfs" / "snapshot"):
+        sh("umount", mount)  # the views this test read
+    sh("zfs", "unmount", dataset)
+    _code, err = refused()
+    said = err.strip().splitlines()[-1]
+    assert f"{dataset} belongs to this store but is not mounted" in said, err[-3000:]
+    assert os.path.lexists(b1) and "zfs rollback" not in err
+    sh("zfs", "mount", dataset)
+    as_it_was(b1.name)
+
+    big_files(source, count=40, size=1024**2)  # the copy runs long enough to be stopped
+    first_run = subprocess.Popen(mailsnap("backup", "--config", config), text=True,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 start_new_session=True,
+                                 env=dict(os.environ, MAILSNAP_FAULT="mid-copy:SIGSTOP"))
+    try:
+        deadline = time.monotonic() + 300
+        while not stopped(first_run.pid):
+            assert first_run.poll() is None, "the run ended before its mid-copy fault point"
+            assert time.monotonic() < deadline, "the run never reached mid-copy"
+            time.sleep(0.1)
+        code, err = refused("backup")
+        assert code == 3 and "already running" in err, err[-3000:]
+        code, err = refused("prune")
+        assert code == 3, err[-3000:]
+    finally:
+        os.kill(first_run.pid, signal.SIGCONT)
+    _out, err = first_run.communicate(timeout=600)
+    assert first_run.returncode == 0, err[-3000:]
+    b2 = zfs_target / JOB / views(zfs_target)[-1]
+    exact(source, b2)
+    before2 = image(b2)
+
+    (source / maildir(BOB) / "cur").joinpath("1710000100.M1P9.big:2,S").write_bytes(
+        os.urandom(40 * 1024**2))
+    used = int(sh("zfs", "get", "-H", "-p", "-o", "value", "used", f"{pool}/backup"))
+    sh("zfs", "set", f"quota={used + 2 * 1024**2}", f"{pool}/backup")
+    try:
+        _code, err = refused()
+    finally:
+        sh("zfs", "set", "quota=none", f"{pool}/backup")
+    said = err.strip().splitlines()[-1]
+    assert any(why in said for why in ("is full", "quota exceeded", "No space left")), \
+        err[-3000:]
+    assert f"zfs rollback {dataset}@{b2.name}" in err
+    as_it_was(b1.name, b2.name)
+    assert image(b2) == before2
+    assert diff_trees(b2 / "mail", zfs_target / JOB / ".mirror" / "mail") == []
+    third, _ = backup(config)
+    exact(source, Path(third["backup"]))
