@@ -98,6 +98,9 @@ class BackupStore:
         self._runner = runner
         # The run being made in the job's ZFS dataset (begin → publish or discard).
         self._open: tuple[str, datasets.JobDataset] | None = None
+        # The job dataset the sweep found mounted (``_repair_views``): a night then begins in
+        # it without looking it up (findmnt, ``zfs get``) again.
+        self._dataset: datasets.JobDataset | None = None
 
     @property
     def runner(self) -> Runner:
@@ -218,7 +221,7 @@ class BackupStore:
         return partial
 
     def _begin_in_dataset(self, run_id: str, base: Backup | None) -> Path:
-        dataset = datasets.JobDataset.ensure(self.runner, self.root)
+        dataset = self._dataset or datasets.JobDataset.ensure(self.runner, self.root)
         # Rolled back unless it is the backup it was (so that someone else's snapshot taken
         # since, sanoid's or an admin's, does not stop the night): its mailsnap.json still
         # names it (a run killed a moment ago removed it), and ZFS says nothing was written
@@ -274,7 +277,7 @@ class BackupStore:
         return stale
 
     def _repair_views(self) -> None:
-        dataset = datasets.JobDataset.at(self.runner, self.root)
+        dataset = self._dataset = datasets.JobDataset.at(self.runner, self.root)
         if dataset is None:
             return
         taken = dataset.backups()
@@ -308,8 +311,9 @@ class BackupStore:
         just before the rename (the pipeline stops signals from interrupting from there on).
         Dry run: writes nothing, returns the backup it would publish.
         """
-        in_dataset = self._open is not None and partial == self._open[1].mountpoint
-        final = self.root / (self._open[0] if self._open is not None and in_dataset
+        opened = (self._open if self._open is not None
+                  and partial == self._open[1].mountpoint else None)  # a run in the dataset
+        final = self.root / (opened[0] if opened is not None
                              else partial.name.removesuffix(PARTIAL_SUFFIX))
         if self.dry_run:
             return Backup(final, manifest)
@@ -328,8 +332,8 @@ class BackupStore:
         fault_point("mid-publish")
         if on_commit is not None:
             on_commit()
-        if self._open is not None and in_dataset:
-            self._open[1].snapshot(final.name)  # the commit point: the view only names it
+        if opened is not None:
+            opened[1].snapshot(final.name)  # the commit point: the view only names it
             self._open = None
             fault_point("after-rename")
             self._make_view(final.name)
