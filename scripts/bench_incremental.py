@@ -6,7 +6,7 @@ new mail and after a busy day, and what removing the oldest backup costs.
     sudo PYTHONPATH=src .venv/bin/python scripts/bench_incremental.py [--quick]
         [--messages 20000] [--repeat 3] [--full-repeat 1] [--cold]
         [--target-fs ext4|btrfs|source]
-        [--scenarios full,nochange,renames,newmail,flags10,prune,prune-cold]
+        [--scenarios full,nochange,flags1,renames,newmail,flags10,prune,prune-cold]
         [--methods mailsnap-maildir,mailsnap-rsync,rsync,doveadm] [--work /var/tmp]
         [--keep] [--json FILE]
 
@@ -32,6 +32,8 @@ target:
 
 - ``full``: the first backup (``--full-repeat`` > 1 wipes every target between repetitions);
 - ``nochange``: nothing changed since the last backup;
+- ``flags1``: before each repetition, 1 % of the messages get a flag change (the issue's
+  "1 % flag changes": nothing else moves);
 - ``renames``: before each repetition, 1 % of the messages get a flag change
   (``cur/X:2,S`` → ``cur/X:2,RS``), 0.5 % move to another folder of the same user under the
   same base name, 0.5 % of earlier deliveries move from ``new/`` to ``cur/``;
@@ -152,9 +154,11 @@ FLAG_WEIGHTS = (70, 10, 8, 5, 2, 5)
 NEW_SHARE = 0.05  # of INBOX and list mail, still in new/ (not yet seen by a client), at least
 COPY_SHARE = 0.01  # messages also COPYed (hard-linked) into another folder
 METHODS = ("mailsnap-maildir", "mailsnap-rsync", "rsync", "doveadm")
-SCENARIOS = ("full", "nochange", "renames", "newmail", "flags10", "prune", "prune-cold")
+SCENARIOS = ("full", "nochange", "flags1", "renames", "newmail", "flags10", "prune",
+             "prune-cold")
 # Share of the store each scenario changes (for the plot against the change rate).
-CHANGE_RATE = {"nochange": 0.0, "newmail": 0.01, "renames": 0.02, "flags10": 0.10}
+CHANGE_RATE = {"nochange": 0.0, "flags1": 0.01, "newmail": 0.01, "renames": 0.02,
+               "flags10": 0.10}
 RSYNC_ROW = "rsync --link-dest"
 MiB = 1 << 20
 
@@ -1272,6 +1276,8 @@ def main() -> int:
                     for method in methods:
                         method.wipe()
                         known[method.name].clear()
+                elif scenario == "flags1":
+                    change |= apply_flags(store, rng, 0.01)
                 elif scenario == "renames":
                     change |= apply_renames(store, rng)
                 elif scenario == "newmail":

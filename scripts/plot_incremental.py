@@ -5,12 +5,13 @@ time against the store's size, and against the share of the store that changed.
     .venv/bin/pip install -e '.[bench]'       # matplotlib
     .venv/bin/python scripts/plot_incremental.py RUN.json [RUN.json ...] --out docs/
 
-Each JSON file is one benchmark run (one store size, one target file system). Writes
+Each JSON file is one benchmark run (one store size, one target file system); where two runs
+measured the same method at the same size, the one named later is drawn. Writes
 ``bench-size.png`` (the no-change night and the 1 % new-mail night against the number of
 messages, log-log, one line per method and target) and ``bench-changes.png`` (time against the
-change rate: no change 0 %, 1 % new mail, 2 % renames and moves, 10 % flag changes, for the
-largest store measured with more than one method, or ``--changes-at``). Lines of a method
-measured at only one size are drawn as points.
+change rate: no change 0 %, 1 % flag changes, 1 % new mail, 2 % renames and moves, 10 % flag
+changes, for the largest store measured with more than one method, or ``--changes-at``). Lines
+of a method measured at only one size are drawn as points.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-CHANGE_RATE = {"nochange": 0.0, "newmail": 1.0, "renames": 2.0, "flags10": 10.0}
+CHANGE_RATE = {"nochange": 0.0, "flags1": 1.0, "newmail": 1.0, "renames": 2.0,
+               "flags10": 10.0}
 LABEL = {"mailsnap-maildir": "mailsnap", "mailsnap-rsync": "mailsnap copier=rsync",
          "rsync --link-dest": "rsync --link-dest", "doveadm backup": "doveadm backup"}
 SKIP = {"rsync --link-dest +snapshot"}
@@ -41,15 +43,15 @@ def plot_size(runs: list[dict[str, Any]], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for ax, scenario, title in ((axes[0], "nochange", "no change"),
                                 (axes[1], "newmail", "1 % new mail")):
-        lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        # label → size → seconds: of two runs at one size, the one named later wins.
+        lines: dict[str, dict[int, float]] = defaultdict(dict)
         for run in runs:
             for row in run["summary"]:
                 if row["scenario"] == scenario and row["method"] not in SKIP:
                     key = label(row["method"], run["target_fs"])
-                    lines[key].append((run["messages"], row["median_seconds"]))
+                    lines[key][run["messages"]] = row["median_seconds"]
         for key, points in sorted(lines.items()):
-            points.sort()
-            xs, ys = zip(*points, strict=True)
+            xs, ys = zip(*sorted(points.items()), strict=True)
             ax.plot(xs, ys, marker="o", label=key)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -62,24 +64,40 @@ def plot_size(runs: list[dict[str, Any]], out: Path) -> None:
     fig.savefig(out / "bench-size.png", dpi=110)
 
 
+# The line of each method: nights of flag changes only; the other nights as points beside it.
+FLAG_NIGHTS = ("nochange", "flags1", "flags10")
+OTHER_NIGHTS = {"newmail": ("s", "1 % new mail"), "renames": ("^", "1 % renames + 1 % moves")}
+
+
 def plot_changes(runs: list[dict[str, Any]], out: Path, at: int | None) -> None:
     import matplotlib.pyplot as plt
 
     # The largest store that has more than one method to compare, unless told.
     compared = [r["messages"] for r in runs if len({row["method"] for row in r["summary"]}) > 1]
     largest = at or max(compared or [run["messages"] for run in runs])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # label → scenario → seconds: of two runs, the one named later wins.
+    found: dict[str, dict[str, float]] = defaultdict(dict)
     for run in (r for r in runs if r["messages"] == largest):
-        lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for row in run["summary"]:
             if row["scenario"] in CHANGE_RATE and row["method"] not in SKIP:
-                lines[label(row["method"], run["target_fs"])].append(
-                    (CHANGE_RATE[row["scenario"]], row["median_seconds"]))
-        for key, points in sorted(lines.items()):
-            points.sort()
+                found[label(row["method"], run["target_fs"])][row["scenario"]] = (
+                    row["median_seconds"])
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for key, nights in sorted(found.items()):
+        points = sorted((CHANGE_RATE[n], nights[n]) for n in FLAG_NIGHTS if n in nights)
+        color = None
+        if points:
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", label=key)
-    ax.set_xlabel("share of the store changed since the last backup (%)")
+            (line,) = ax.plot(xs, ys, marker="o", label=key)
+            color = line.get_color()
+        for night, (marker, _what) in OTHER_NIGHTS.items():
+            if night in nights:
+                ax.plot([CHANGE_RATE[night]], [nights[night]], marker=marker, linestyle="",
+                        color=color, markersize=8, label=None if points else key)
+    for marker, what in OTHER_NIGHTS.values():
+        ax.plot([], [], marker=marker, linestyle="", color="grey", label=what)
+    ax.set_xlabel("share of the store changed since the last backup (%): "
+                  "lines are flag changes")
     ax.set_ylabel("seconds (whole run)")
     ax.set_yscale("log")
     ax.set_title(f"{largest:,} messages: a night's cost against what changed")
