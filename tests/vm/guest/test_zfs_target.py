@@ -244,7 +244,23 @@ def stopped(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] == "T"
 
 
-def test_a_full_dataset_two_runs_at_once_and_unmounted_datasets_lose_nothing(
+def fill_pool(pool: str, filler: str, leave: int) -> None:
+    """Reserve all of ``pool``'s free space but ``leave`` bytes for dataset ``filler``. The
+    free space ZFS reports lags the writes of the open transaction group: sync first, and
+    retry with what it says then."""
+    for _attempt in range(5):
+        sh("sync")
+        sh("zpool", "sync", pool)
+        free = int(sh("zfs", "get", "-H", "-p", "-o", "value", "available", pool))
+        done = subprocess.run(["zfs", "set", f"reservation={free - leave}", filler],
+                              capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        time.sleep(1)
+    raise AssertionError(f"could not reserve the free space of {pool}: {done.stderr}")
+
+
+def test_a_full_dataset_or_pool_two_runs_at_once_and_unmounted_datasets_lose_nothing(
     source: Path, zfs_target: Path, tmp_path: Path, pool: str
 ) -> None:
     """The worst nights on a ZFS target; after each, every backup is as it was and the next
@@ -256,8 +272,11 @@ def test_a_full_dataset_two_runs_at_once_and_unmounted_datasets_lose_nothing(
       then point nowhere, are kept (a sweep must not take them for an interrupted prune's).
     - A second run while one is stopped mid-copy, and a prune then: refused (exit 3), and
       the stopped run, resumed, publishes an exact backup.
-    - A quota reached mid-copy (as a full pool would be): the night fails with ZFS's error,
-      the mirror is rolled back to the newest backup and nothing is published."""
+    - A quota reached mid-copy: the night fails with ZFS's error, the mirror is rolled back
+      to the newest backup and nothing is published.
+    - The pool itself full mid-copy (a reservation of another dataset holds all its free
+      space, so every dataset of it gets ENOSPC, the source's too): the same, and once
+      space is freed the next night is exact."""
     build_store(source)
     age(source)
     config = configure(tmp_path, source, zfs_target)
@@ -337,4 +356,29 @@ def test_a_full_dataset_two_runs_at_once_and_unmounted_datasets_lose_nothing(
     assert image(b2) == before2
     assert diff_trees(b2 / "mail", zfs_target / JOB / ".mirror" / "mail") == []
     third, _ = backup(config)
-    exact(source, Path(third["backup"]))
+    b3 = Path(third["backup"])
+    exact(source, b3)
+    before3 = image(b3)
+
+    # A new message larger than what is left, written before the pool fills (the source is on
+    # it too), then all the pool's free space but 2 MiB reserved for another dataset: the
+    # snapshots can still be taken, the copy cannot finish.
+    (source / maildir(ALICE) / "cur").joinpath("1710000200.M2P9.big:2,S").write_bytes(
+        os.urandom(8 * 1024**2))
+    sh("zfs", "create", "-o", "mountpoint=none", f"{pool}/filler")
+    fill_pool(pool, f"{pool}/filler", leave=2 * 1024**2)
+    try:
+        _code, err = refused()
+    finally:
+        sh("zfs", "destroy", f"{pool}/filler")
+    said = err.strip().splitlines()[-1]
+    assert f"target {zfs_target / JOB} is full" in said, err[-3000:]
+    assert f"zfs rollback {dataset}@{b3.name}" in err
+    assert views(zfs_target) == snapshots(zfs_target) == [b1.name, b2.name, b3.name]
+    assert image(b1) == before and image(b2) == before2 and image(b3) == before3
+    assert diff_trees(b3 / "mail", zfs_target / JOB / ".mirror" / "mail") == []
+    leftovers = sh("zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r", f"{pool}/mail")
+    assert "mailsnap" not in leftovers
+    assert mounts_under(tmp_path / "run") == []
+    fourth, _ = backup(config)
+    exact(source, Path(fourth["backup"]))
