@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 import shutil
 import stat
+import threading
 
 import pytest
 
@@ -203,6 +204,56 @@ def test_frozen_copy_takes_the_size_from_the_name(store: Path, tmp_path: Path) -
     for now in (resized, unsized):
         assert os.stat(tmp_path / "two" / "cur" / now.name).st_nlink == 1
         assert (tmp_path / "two" / "cur" / now.name).read_text().endswith("tampered\n")
+
+
+def test_frozen_copy_walks_the_next_mailbox_while_the_pool_copies_the_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot copy lists the next mailbox (and grows its Dovecot files) while the pool
+    still copies the messages of the one before: the two no longer wait for each other. The
+    sections are still written in walk order, and an LMTP delivery hard-linked into several
+    users stays one file, on the first backup and the next."""
+    from mailsnap.copiers.frozen import FrozenCopy
+    from mailsnap.manifest import read_records, section_key
+
+    root = tmp_path / "vmail"
+    users = ("alice", "bob", "carol")
+    for user in users:
+        shutil.copytree(EXAMPLE, root / user / "Maildir", symlinks=True)
+    delivered = root / "alice" / "Maildir" / "new" / "1800000000.M1P1.mx,S=5"
+    delivered.write_bytes(b"hello")
+    for user in users[1:]:
+        os.link(delivered, root / user / "Maildir" / "new" / delivered.name)
+    walked_on = threading.Event()
+    overlapped: list[bool] = []
+    real_task, real_open = FrozenCopy._message_task, FrozenCopy._open
+
+    def task(self: FrozenCopy, rel: str, *args: object) -> object:
+        if rel.startswith("alice/"):
+            overlapped.append(walked_on.wait(5))  # alice's messages wait for bob's walk
+        return real_task(self, rel, *args)  # type: ignore[arg-type]
+
+    def open_section(self: FrozenCopy, rel: str) -> object:
+        if rel.startswith("bob"):
+            walked_on.set()
+        return real_open(self, rel)
+
+    monkeypatch.setattr(FrozenCopy, "_message_task", task)
+    monkeypatch.setattr(FrozenCopy, "_open", open_section)
+    copy(root, tmp_path / "one", frozen=True)
+    assert overlapped and all(overlapped), overlapped
+    expected = {"one": expected_files(root)}
+    delivered.with_name("1800000001.M2P2.mx,S=5").write_bytes(b"later")
+    copy(root, tmp_path / "two", previous=tmp_path / "one", frozen=True)
+    expected["two"] = expected_files(root)
+    for dest in (tmp_path / "one", tmp_path / "two"):
+        assert all_files(dest) == expected[dest.name]
+        inodes = {os.stat(dest / user / "Maildir" / "new" / delivered.name).st_ino
+                  for user in users}
+        assert len(inodes) == 1
+        keys = [fields[1] for fields in read_records(manifest_of(dest)) if fields[0] == "S"]
+        assert keys == sorted(keys, key=section_key)
+        assert {"alice/Maildir", "bob/Maildir", "carol/Maildir"} <= set(keys)
 
 
 def test_hard_links_in_the_source_stay_one_file(store: Path, tmp_path: Path) -> None:

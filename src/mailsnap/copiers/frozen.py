@@ -19,7 +19,8 @@ Files that are not messages (``dovecot-uidlist``, ``dovecot.index*``, ``subscrip
 ``stat``'ed and linked only when size, mtime, mode and owner are unchanged.
 
 The link and copy system calls run in a thread pool, a few thousand messages per task; the walk,
-the manifest and the bookkeeping stay in the calling thread.
+the manifest and the bookkeeping stay in the calling thread, which walks the next mailbox while
+the pool works on the last one (``_close``).
 
 What changed since the previous backup: a ``cur/`` or ``new/`` whose mtime, ctime, inode, mode
 and owner are what the previous manifest recorded is taken over from it unlisted
@@ -325,6 +326,8 @@ class FrozenCopy:
         self.directories: list[tuple[str, os.stat_result]] = []
         self.last_watch = self.last_progress = time.monotonic()
         self.pool: ThreadPoolExecutor | None = None
+        # The section whose tasks run while the walk goes on to the next one (``_close``).
+        self.closing: _Section | None = None
         # A snapshot on the target's own btrfs (or XFS): new messages share its extents.
         self.reflinks = Reflinks(enabled=not dry_run)
 
@@ -334,6 +337,7 @@ class FrozenCopy:
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mailsnap-copy")
         try:
             self._directory("", None)
+            self._finish_closing()
         except BaseException:
             # An error or a signal: do not wait for the queued tasks, only the running ones.
             self.pool.shutdown(wait=True, cancel_futures=True)
@@ -445,12 +449,27 @@ class FrozenCopy:
         return _Section(rel, previous)
 
     def _close(self, section: _Section) -> None:
-        """Wait for the section's tasks, settle its deferred hard links, write its records."""
+        """Hand the section's tasks to the pool and go on walking: the walk of the next
+        section (listing folders, Dovecot's files) overlaps with them. The section before
+        is finished first, so sections are written in walk order, and a section's tasks
+        start only once every earlier section's hard links are settled (``self.inodes``)."""
+        self._finish_closing()
         previous = section.previous
         if previous is not None:  # before any task runs: a moved message is not in these
             previous.settled = frozenset(section.taken_over)
         if self.in_place:
             section.going = frozenset(section.removals)
+        self._submit(section)
+        self.closing = section
+
+    def _finish_closing(self) -> None:
+        if self.closing is not None:
+            section, self.closing = self.closing, None
+            self._finish(section)
+
+    def _finish(self, section: _Section) -> None:
+        """Wait for the section's tasks, settle its deferred hard links, write its records."""
+        previous = section.previous
         self._drain(section)
         if section.removals:
             section.changed = True
@@ -539,7 +558,6 @@ class FrozenCopy:
         self._report(force=True)
 
     def _drain(self, section: _Section) -> None:
-        self._submit(section)
         pending = set(section.futures)
         while pending:
             _done, pending = wait(pending, timeout=PROGRESS_INTERVAL, return_when=FIRST_COMPLETED)
