@@ -30,7 +30,10 @@ another change list (``btrfs send --no-data``) is ``Listing``.
 In place (``target_snapshots``): the backup directory already holds a writable snapshot of the
 previous backup. Then an unchanged folder costs nothing at all, a kept message no system call,
 a renamed or moved one a ``rename`` inside the snapshot (a ``link`` when its old name stays),
-and what else the source no longer has is removed when its mailbox is done.
+and what else the source no longer has is removed when its mailbox is done. In a folder that
+is listed (a flag change renamed one of its messages), the names it still holds are not looked
+at one by one: set operations on the two listings find the few that differ, and the others'
+records are carried over as text (``_carry``).
 """
 
 from __future__ import annotations
@@ -131,6 +134,10 @@ class _Result:
     # previous record's own string), made into ``F`` lines only as the section is written.
     # Ahead of ``lines`` in the manifest, as if they had been appended there first.
     directory: str | None = None  # the message directory it holds records of (None: head)
+    # In place, the previous records of the names a listed directory still holds (``_carry``):
+    # written first, as they were, in one block of text.
+    carried: str = ""
+    carried_records: int = 0
     fast_paths: list[str] = field(default_factory=list)
     fast_tails: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
@@ -148,6 +155,8 @@ class _Result:
 
     def records(self) -> Iterator[str]:
         """The manifest lines of this task, in the order it made them."""
+        if self.carried:
+            yield self.carried
         for rel, tail in zip(self.fast_paths, self.fast_tails, strict=True):
             yield f"F\t{escape(rel)}\t{LINKED}\t{tail}\n"
         yield from self.lines
@@ -211,6 +220,17 @@ class _Section:
     # Message directories taken over unlisted: their inodes are unknown until a new hard
     # link in the source asks for them (``_find_inode``).
     taken_over: list[str] = field(default_factory=list)
+    # In place, listed message directories whose kept messages were carried over by name,
+    # unstat'ed (``_carry``): their inodes are unknown too.
+    carried: list[str] = field(default_factory=list)
+    # Their previous records of the names not carried (gone, or looked at one by one), and
+    # the gone ones by base name: where a renamed or moved message is found again. When every
+    # listed directory of the mailbox was carried (``all_carried``), a message that is not
+    # found there is new: the mailbox's records are never read whole.
+    known: dict[str, str] = field(default_factory=dict)
+    gone_by_base: dict[str, list[str]] = field(default_factory=dict)
+    all_carried: bool = True
+    message_dirs: set[str] = field(default_factory=set)  # the cur/ and new/ walked
     # In place: whether anything of this section differs from the previous backup's (else
     # its manifest frame is reused whole), its directories seen, and the unlisted message
     # directories whose records are made only if it does.
@@ -457,6 +477,9 @@ class FrozenCopy:
         previous = section.previous
         if previous is not None:  # before any task runs: a moved message is not in these
             previous.settled = frozenset(section.taken_over)
+            if section.all_carried and any(frame.directory not in section.message_dirs
+                                           for frame in previous.frames):
+                section.all_carried = False  # a folder gone: its messages may be elsewhere
         if self.in_place:
             section.going = frozenset(section.removals)
         self._submit(section)
@@ -514,7 +537,7 @@ class FrozenCopy:
             summary.reflinked += result.reflinked
             summary.appended += result.appended
         self.stats.linked = summary.linked + summary.hardlinked
-        if self.manifest is not None and (reused or any(r.lines or r.fast_paths
+        if self.manifest is not None and (reused or any(r.lines or r.fast_paths or r.carried
                                                         for r in results)):
             counts = (sum(r.files for r in results) + sum(f.records for f in reused),
                       sum(r.bytes for r in results) + sum(f.size or 0 for f in reused),
@@ -533,7 +556,8 @@ class FrozenCopy:
         for result in results:
             assert result.directory is not None
             by_directory.setdefault(result.directory, []).append(result)
-        return [MessageFrame(rel, sum(len(r.fast_paths) + len(r.lines) for r in group),
+        return [MessageFrame(rel, sum(r.carried_records + len(r.fast_paths) + len(r.lines)
+                                      for r in group),
                              sum(r.bytes for r in group), sum(r.messages for r in group),
                              itertools.chain.from_iterable(r.records() for r in group))
                 for rel, group in by_directory.items()]
@@ -570,6 +594,7 @@ class FrozenCopy:
     def _messages(self, rel: str, info: os.stat_result, listed: list[os.DirEntry[str]] | None,
                   section: _Section) -> None:
         self._make_dir(rel, info, section)
+        section.message_dirs.add(rel)
         previous = section.previous
         if listed is None:  # unchanged since the previous backup: its records, unlisted
             assert previous is not None
@@ -594,11 +619,58 @@ class FrozenCopy:
         if self.in_place:
             there = frozenset(os.listdir(self._dst(rel)))
             kept = self._kept_names(rel, listed)
-            section.removals.extend(f"{rel}/{name}" for name in there if name not in kept)
+            gone = there - kept
+            section.removals.extend(f"{rel}/{name}" for name in sorted(gone))
+            if not strict and previous is not None and self._carry(rel, listed, kept, there,
+                                                                   gone, section):
+                return
+        section.all_carried = False
         for start in range(0, len(listed), CHUNK_MESSAGES):
             section.tasks.append((rel, functools.partial(
                 self._message_task, rel, listed[start : start + CHUNK_MESSAGES], section,
                 strict, there)))
+
+    def _carry(self, rel: str, listed: list[os.DirEntry[str]], kept: set[str],
+               there: frozenset[str], gone: frozenset[str], section: _Section) -> bool:
+        """In place, a listed message directory: a message still there under its name is the
+        previous backup's file already, and its record is the previous one, carried over as
+        text (``Section.carry``) when the size in its name is the record's. Set operations,
+        not a loop per message: a flag change makes Dovecot rename one file, and the folder
+        is listed, but only the names that differ are looked at one by one (the tasks).
+        False: the previous records cannot be split by name; each message is looked at."""
+        assert section.previous is not None
+        records = section.previous.directory_records(rel)
+        if records is None:
+            return False
+        odd = {e.name for e in listed
+               if e.name[0] == "." or not e.is_file(follow_symlinks=False)}
+        keep = (kept & there) - odd
+        # Dovecot's ",S=<size>" in the name must be the size of the previous copy, as on the
+        # fast path of ``_message_task``.
+        carried = records.split([name in keep and size_digits(name) == size
+                                 for name, size in zip(records.names, records.sizes, strict=True)])
+        section.known.update(carried.others)
+        for name in gone:
+            path = f"{rel}/{name}"
+            if path in carried.others:
+                section.gone_by_base.setdefault(base_name(name), []).append(path)
+        count = carried.records
+        section.results.append(_Result(
+            directory=rel, carried=carried.text, carried_records=count, files=count,
+            messages=count, linked=count, bytes=carried.size, bytes_linked=carried.size))
+        section.carried.append(rel)
+        # Looked at one by one: new names, and those kept whose record is missing or was not
+        # carried (the size in the name is not the previous copy's).
+        cut = len(rel) + 1
+        rest = (kept - keep) | keep.difference(records.names) | {
+            path[cut:] for path in carried.others if path[cut:] in keep}
+        if rest:
+            slow = [e for e in listed if e.name in rest]
+            for start in range(0, len(slow), CHUNK_MESSAGES):
+                section.tasks.append((rel, functools.partial(
+                    self._message_task, rel, slow[start : start + CHUNK_MESSAGES], section,
+                    True, there)))
+        return True
 
     def _kept_names(self, rel: str, listed: list[os.DirEntry[str]]) -> set[str]:
         if not self.excludes.rules:
@@ -681,7 +753,7 @@ class FrozenCopy:
         place, the names the directory holds already (the previous backup's)."""
         result = _Result(directory=rel)
         previous = section.previous
-        files = previous.records_in(rel) if previous is not None else {}
+        files = previous.records_in(rel) if previous is not None and not strict else {}
         src_dir, dst_dir = self._src(rel), self._dst(rel)
         prev_dir = self._prev(rel) if self.previous is not None else ""
         slow: list[os.DirEntry[str]] = []
@@ -757,15 +829,15 @@ class FrozenCopy:
         previous = section.previous
         if there is not None and name in there:
             # In place, under this name already: kept if it is this message, else replaced.
-            tail = previous.tail(child) if previous is not None else None
+            tail = self._previous_tail(section, child)
             if tail is not None and same_file(tail, info):
                 result.link(child, tail, info.st_size, renamed=False)
                 self._remember(section, info, child, tail)
                 return
             self._replace(section, child)
         if previous is not None and self.previous is not None:
-            for old in self._candidates(previous, child, name):
-                tail = previous.tail(old)
+            for old in self._candidates(section, previous, child, name):
+                tail = self._previous_tail(section, old)
                 if tail is None or not same_file(tail, info):
                     continue  # same base name, other content or owner: not this message
                 if not self.dry_run and not self._bring(section, old, child,
@@ -815,11 +887,26 @@ class FrozenCopy:
             self.inodes[info.st_ino] = (child, tail)
 
     @staticmethod
-    def _candidates(previous: Section, child: str, name: str) -> Iterator[str]:
+    def _previous_tail(section: _Section, path: str) -> str | None:
+        known = section.known.get(path)
+        if known is not None or section.previous is None:
+            return known
+        return section.previous.tail(path)
+
+    @staticmethod
+    def _candidates(section: _Section, previous: Section, child: str,
+                    name: str) -> Iterator[str]:
+        """Where the previous backup may hold message ``child`` (same base name), nearest
+        first."""
+        base = base_name(name)
+        gone = section.gone_by_base.get(base, [])
+        yield from (old for old in gone if old != child)
+        if section.all_carried:
+            return  # every place a message can have left is in ``gone_by_base``
         if previous.tail(child) is not None:
             yield child
-        for old in previous.by_base(base_name(name)):
-            if old != child:
+        for old in previous.by_base(base):
+            if old != child and old not in gone:
                 yield old
 
     def _copy_message(self, child: str, src: str, dst: str, result: _Result,
@@ -862,9 +949,9 @@ class FrozenCopy:
         """A Dovecot COPY hard-links a message under a new name into another folder, and
         the folder it came from may be one taken over unlisted: ``stat`` that mailbox's
         unlisted messages once to learn their inodes (only on a night with such a COPY)."""
-        if not section.taken_over or section.previous is None:
+        if not (section.taken_over or section.carried) or section.previous is None:
             return None
-        for rel in section.taken_over:
+        for rel in section.taken_over + section.carried:
             files = section.previous.records_in(rel)
             for child in files:
                 try:
@@ -874,6 +961,7 @@ class FrozenCopy:
                 if info.st_nlink > 1:
                     section.inodes.setdefault(info.st_ino, (child, files[child]))
         section.taken_over = []
+        section.carried = []
         return section.inodes.get(inode)
 
     # -- plain files, directories ------------------------------------------------------------
