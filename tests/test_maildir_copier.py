@@ -206,13 +206,13 @@ def test_frozen_copy_takes_the_size_from_the_name(store: Path, tmp_path: Path) -
         assert (tmp_path / "two" / "cur" / now.name).read_text().endswith("tampered\n")
 
 
-def test_frozen_copy_walks_the_next_mailbox_while_the_pool_copies_the_last(
+def test_frozen_copy_walks_the_next_mailboxes_while_the_pool_copies_an_earlier_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A snapshot copy lists the next mailbox (and grows its Dovecot files) while the pool
-    still copies the messages of the one before: the two no longer wait for each other. The
-    sections are still written in walk order, and an LMTP delivery hard-linked into several
-    users stays one file, on the first backup and the next."""
+    """A snapshot copy lists the next mailboxes (and grows their Dovecot files) while the pool
+    still copies the messages of one before: a mailbox with many renames does not stop the
+    walk. The sections are still written in walk order, and an LMTP delivery hard-linked into
+    several users stays one file, on the first backup and the next."""
     from mailsnap.copiers.frozen import FrozenCopy
     from mailsnap.manifest import read_records, section_key
 
@@ -230,11 +230,11 @@ def test_frozen_copy_walks_the_next_mailbox_while_the_pool_copies_the_last(
 
     def task(self: FrozenCopy, rel: str, *args: object) -> object:
         if rel.startswith("alice/"):
-            overlapped.append(walked_on.wait(5))  # alice's messages wait for bob's walk
+            overlapped.append(walked_on.wait(5))  # alice's messages wait for carol's walk
         return real_task(self, rel, *args)  # type: ignore[arg-type]
 
     def open_section(self: FrozenCopy, rel: str) -> object:
-        if rel.startswith("bob"):
+        if rel.startswith("carol"):
             walked_on.set()
         return real_open(self, rel)
 

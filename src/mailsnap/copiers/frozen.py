@@ -38,6 +38,7 @@ records are carried over as text (``_carry``).
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -92,6 +93,9 @@ MESSAGE_DIRS = ("new", "cur")
 # Messages per task for the thread pool: large enough that a task's overhead is noise, small
 # enough that one 20,000-message cur/ is shared between the threads.
 CHUNK_MESSAGES = 2000
+# Mailboxes whose tasks may still run while the walk goes on (``_close``): enough that a
+# mailbox with many renames does not stop the walk of the small ones after it.
+PENDING_SECTIONS = 8
 PROGRESS_INTERVAL = 0.1
 WATCH_INTERVAL = 5.0
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -346,8 +350,8 @@ class FrozenCopy:
         self.directories: list[tuple[str, os.stat_result]] = []
         self.last_watch = self.last_progress = time.monotonic()
         self.pool: ThreadPoolExecutor | None = None
-        # The section whose tasks run while the walk goes on to the next one (``_close``).
-        self.closing: _Section | None = None
+        # Sections whose tasks run while the walk goes on (``_close``), in walk order.
+        self.pending: collections.deque[_Section] = collections.deque()
         # A snapshot on the target's own btrfs (or XFS): new messages share its extents.
         self.reflinks = Reflinks(enabled=not dry_run)
 
@@ -357,7 +361,8 @@ class FrozenCopy:
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="mailsnap-copy")
         try:
             self._directory("", None)
-            self._finish_closing()
+            while self.pending:
+                self._finish(self.pending.popleft())
         except BaseException:
             # An error or a signal: do not wait for the queued tasks, only the running ones.
             self.pool.shutdown(wait=True, cancel_futures=True)
@@ -470,10 +475,14 @@ class FrozenCopy:
 
     def _close(self, section: _Section) -> None:
         """Hand the section's tasks to the pool and go on walking: the walk of the next
-        section (listing folders, Dovecot's files) overlaps with them. The section before
-        is finished first, so sections are written in walk order, and a section's tasks
-        start only once every earlier section's hard links are settled (``self.inodes``)."""
-        self._finish_closing()
+        sections (listing folders, Dovecot's files) overlaps with them. Sections are finished
+        (their hard links settled, their records written) in walk order, each once its tasks
+        are done; the walk waits only when ``PENDING_SECTIONS`` are still running. Tasks only
+        add to ``self.inodes``: a hard link in the source to another mailbox is settled in
+        ``_finish``, in walk order, to whichever copy of the inode is in the backup by then."""
+        while self.pending and (len(self.pending) >= PENDING_SECTIONS
+                                or all(f.done() for f in self.pending[0].futures)):
+            self._finish(self.pending.popleft())
         previous = section.previous
         if previous is not None:  # before any task runs: a moved message is not in these
             previous.settled = frozenset(section.taken_over)
@@ -483,12 +492,7 @@ class FrozenCopy:
         if self.in_place:
             section.going = frozenset(section.removals)
         self._submit(section)
-        self.closing = section
-
-    def _finish_closing(self) -> None:
-        if self.closing is not None:
-            section, self.closing = self.closing, None
-            self._finish(section)
+        self.pending.append(section)
 
     def _finish(self, section: _Section) -> None:
         """Wait for the section's tasks, settle its deferred hard links, write its records."""
