@@ -638,9 +638,10 @@ class FrozenCopy:
                there: frozenset[str], gone: frozenset[str], section: _Section) -> bool:
         """In place, a listed message directory: a message still there under its name is the
         previous backup's file already, and its record is the previous one, carried over as
-        text (``Section.carry``) when the size in its name is the record's. Set operations,
-        not a loop per message: a flag change makes Dovecot rename one file, and the folder
-        is listed, but only the names that differ are looked at one by one (the tasks).
+        text (``Section.directory_records``) when the size in its name is the record's. Set
+        operations, not a loop per message: a flag change makes Dovecot rename one file, and
+        the folder is listed, but only the names that differ are looked at one by one (the
+        tasks).
         False: the previous records cannot be split by name; each message is looked at."""
         assert section.previous is not None
         records = section.previous.directory_records(rel)
