@@ -495,6 +495,18 @@ def records_read(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return read
 
 
+def backed_up_then_rewritten(store: Path, tmp_path: Path, message: Path, data: bytes) -> Path:
+    """Back ``store`` up to ``one``, copy that to ``two`` (the next backup, in place), then
+    rewrite ``message`` under its name with ``data``, its mtime kept; returns ``two``."""
+    backup(store, tmp_path / "one")
+    dest = tmp_path / "two"
+    shutil.copytree(tmp_path / "one", dest, symlinks=True)
+    then = os.lstat(message).st_mtime_ns
+    message.write_bytes(data)
+    os.utime(message, ns=(then, then))
+    return dest
+
+
 def test_in_place_a_flag_change_carries_the_folders_other_records_unread(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -506,12 +518,7 @@ def test_in_place_a_flag_change_carries_the_folders_other_records_unread(
     data was written, its mtime the same) is copied again, not carried."""
     short = store / "cur" / "1800000000.M1P1.host,S=20:2,S"
     short.write_bytes(b"")
-    backup(store, tmp_path / "one")
-    dest = tmp_path / "two"
-    shutil.copytree(tmp_path / "one", dest, symlinks=True)
-    then = os.lstat(short).st_mtime_ns
-    short.write_bytes(b"x" * 20)
-    os.utime(short, ns=(then, then))
+    dest = backed_up_then_rewritten(store, tmp_path, short, b"x" * 20)
     flagged = "cur/1732780801.M1P4242.mail.example,S=168:2,S"
     inode = os.lstat(dest / flagged).st_ino
     os.rename(store / flagged, store / (flagged[:-1] + "RS"))
@@ -523,6 +530,25 @@ def test_in_place_a_flag_change_carries_the_folders_other_records_unread(
     assert os.lstat(dest / (flagged[:-1] + "RS")).st_ino == inode
     assert (stats.summary.folders_listed, stats.summary.renames, stats.summary.copied) == (
         1, 1, 1)
+    backup(store, tmp_path / "three")
+    assert file_records(dest) == file_records(tmp_path / "three")
+
+
+def test_in_place_names_without_a_size_are_looked_at_when_their_folder_is_listed(
+    store: Path, tmp_path: Path
+) -> None:
+    """A message named by another delivery agent (no ",S=") has no size in its name to
+    trust: when its folder is listed it is stat'ed, and one rewritten in place under its
+    name, its mtime kept, is copied again, not carried over with the old record."""
+    unsized = store / "cur" / "1700000000.123_4.otherhost:2,S"
+    unsized.write_bytes(b"first\n")
+    dest = backed_up_then_rewritten(store, tmp_path, unsized, b"rewritten, longer\n")
+    flagged = "cur/1732780801.M1P4242.mail.example,S=168:2,S"
+    os.rename(store / flagged, store / (flagged[:-1] + "RS"))
+    stats = copy_in_place(store, dest, tmp_path / "one")
+    assert diff_trees(store, dest) == []
+    assert (dest / unsized.relative_to(store)).read_bytes() == b"rewritten, longer\n"
+    assert (stats.summary.renames, stats.summary.copied) == (1, 1)
     backup(store, tmp_path / "three")
     assert file_records(dest) == file_records(tmp_path / "three")
 
