@@ -8,7 +8,7 @@ new mail and after a busy day, and what removing the oldest backup costs.
         [--target-fs ext4|btrfs|source]
         [--scenarios full,nochange,flags1,renames,newmail,flags10,prune,prune-cold]
         [--methods mailsnap-maildir,mailsnap-rsync,rsync,doveadm] [--work /var/tmp]
-        [--keep] [--json FILE]
+        [--keep] [--floor] [--json FILE]
 
 ``scripts/plot_incremental.py`` draws the JSON files of several runs (sizes, target kinds).
 
@@ -48,6 +48,12 @@ target:
   since it was made: the kernel's dentries and inodes are dropped first (``drop_caches``
   2), then, untimed, ``mailsnap prune --dry-run`` (``rm --version`` for rsync) brings the
   program's own files back;
+
+With ``--floor`` (btrfs target), a night of renames (``flags1``, ``renames``, ``flags10``)
+is first replayed without mailsnap: the same renames, in order, in a fresh writable snapshot
+of mailsnap's newest backup, then ``sync -f`` (``RenameFloor``). That is what btrfs alone
+costs for the night's changes, so a mailsnap night of them cannot cost less than its quiet
+night plus it; a second table sets the two side by side.
 
 A change set is applied once to the live source, then every method backs up that same state
 once, the methods in a rotating order (each takes its own snapshot; nothing changes between
@@ -245,12 +251,19 @@ class Store:
     next_n: int  # message counter: every message ever written has its own
     bytes: int = 0
     copies: int = 0
+    # Every rename the last change set made (old path, new path), in order: what the
+    # ``--floor`` row replays in a snapshot of the previous backup.
+    journal: list[tuple[Path, Path]] = field(default_factory=list)
 
     def folders(self) -> list[Folder]:
         return [f for u in self.users for f in u.folders]
 
     def messages(self) -> int:
         return sum(f.count() for f in self.folders())
+
+    def rename(self, old: Path, new: Path) -> None:
+        os.rename(old, new)
+        self.journal.append((old, new))
 
 
 # -- message content ----------------------------------------------------------------------------
@@ -525,7 +538,7 @@ def apply_renames(store: Store, rng: random.Random) -> dict[str, int]:
         base = folder.cur.pick(rng)
         old = folder.flags[base]
         new = toggle_flag(old, rng)
-        os.rename(folder.cur_file(base, old), folder.cur_file(base, new))
+        store.rename(folder.cur_file(base, old), folder.cur_file(base, new))
         folder.flags[base] = new
         changes[folder] += 1
         done["flag_renames"] += 1
@@ -537,7 +550,7 @@ def apply_renames(store: Store, rng: random.Random) -> dict[str, int]:
         flags = folder.flags.pop(base)
         folder.cur.remove(base)
         del folder.uids[base]
-        os.rename(folder.cur_file(base, flags), dest.cur_file(base, flags))
+        store.rename(folder.cur_file(base, flags), dest.cur_file(base, flags))
         dest.cur.add(base)
         dest.flags[base] = flags
         dest.assign_uid(base)
@@ -550,7 +563,7 @@ def apply_renames(store: Store, rng: random.Random) -> dict[str, int]:
             continue
         base = folder.new.pick(rng)
         folder.new.remove(base)
-        os.rename(folder.new_file(base), folder.cur_file(base, ""))
+        store.rename(folder.new_file(base), folder.cur_file(base, ""))
         folder.cur.add(base)
         folder.flags[base] = ""
         changes[folder] += 1
@@ -572,7 +585,7 @@ def apply_flags(store: Store, rng: random.Random, share: float) -> dict[str, int
         base = folder.cur.pick(rng)
         old = folder.flags[base]
         new = toggle_flag(old, rng)
-        os.rename(folder.cur_file(base, old), folder.cur_file(base, new))
+        store.rename(folder.cur_file(base, old), folder.cur_file(base, new))
         folder.flags[base] = new
         changes[folder] += 1
         done += 1
@@ -815,6 +828,56 @@ class MailsnapMethod:
         # A store that vanished after a published backup is refused (a backup disk that did
         # not mount); the benchmark removed it on purpose, so it makes it again.
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+class RenameFloor:
+    """``--floor``: what a night's renames cost btrfs alone, whatever a copier does around
+    them. Before mailsnap's night, the renames of the change set (``Store.journal``) are
+    replayed in a fresh writable snapshot of mailsnap's newest backup, by as many threads as
+    mailsnap's copier runs (a message's renames in order, on one thread), then ``sync -f``.
+    Timed: the renames and the sync; not the snapshot, which a quiet night makes too. So a
+    night of mailsnap on a btrfs target cannot cost less than its quiet night plus this."""
+
+    name = "btrfs floor"
+
+    def __init__(self, mailsnap: MailsnapMethod, source: Path, scratch: Path,
+                 threads: int) -> None:
+        self.mailsnap = mailsnap
+        self.source = source
+        self.scratch = scratch
+        self.threads = threads
+
+    def measure(self, journal: list[tuple[Path, Path]], scenario: str, rep: int) -> Sample:
+        night = self.scratch / f"floor-{scenario}-{rep}"
+        sh("btrfs", "subvolume", "snapshot", str(self.mailsnap.backups()[-1]), str(night))
+        sh("sync", "-f", str(night))
+        lanes: list[list[tuple[Path, Path]]] = [[] for _ in range(self.threads)]
+        for old, new in journal:
+            lane = lanes[hash(old.name.split(":", 1)[0]) % self.threads]
+            lane.append((night / "mail" / old.relative_to(self.source),
+                         night / "mail" / new.relative_to(self.source)))
+        try:
+            started = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
+                for done in pool.map(_rename_each, lanes):
+                    del done
+            renamed = time.perf_counter() - started
+            sh("sync", "-f", str(night))
+            seconds = time.perf_counter() - started
+        finally:
+            sh("btrfs", "subvolume", "delete", str(night))
+            sh("btrfs", "filesystem", "sync", str(self.scratch))
+            sh("btrfs", "subvolume", "sync", str(self.scratch))
+        return Sample(method=self.name, scenario=scenario, rep=rep, seconds=seconds,
+                      peak_rss_mib=0.0, written_bytes=0, copied=0, linked=0, files=0,
+                      statvfs_delta_bytes=0,
+                      report={"renames": len(journal), "rename_seconds": renamed,
+                              "sync_seconds": seconds - renamed})
+
+
+def _rename_each(pairs: list[tuple[Path, Path]]) -> None:
+    for old, new in pairs:
+        os.rename(old, new)
 
 
 class RsyncMethod:
@@ -1089,6 +1152,32 @@ def _median_copy(picked: list[Sample], key: str) -> float | None:
     return statistics.median(found) if found else None
 
 
+def floor_table(samples: list[Sample], floors: list[Sample]) -> str:
+    """mailsnap's nights of renames against its quiet night plus the btrfs floor of the
+    same renames (medians)."""
+    def median(method: str, scenario: str) -> float | None:
+        found = [s.seconds for s in samples if s.method == method and s.scenario == scenario]
+        return statistics.median(found) if found else None
+
+    quiet = median("mailsnap-maildir", "nochange")
+    out = ["| scenario | renames | floor s (renames + sync) | quiet + floor, × quiet "
+           "| mailsnap s | mailsnap × quiet |", "|---|---:|---:|---:|---:|---:|"]
+    for scenario in SCENARIOS:
+        mine = [s for s in floors if s.scenario == scenario]
+        if not mine:
+            continue
+        low = statistics.median(s.seconds for s in mine)
+        count = statistics.median(s.report["renames"] for s in mine if s.report)
+        night = median("mailsnap-maildir", scenario)
+        out.append(
+            f"| {scenario} | {count:.0f} | {low:.2f} | "
+            + (f"{(quiet + low) / quiet:.2f}" if quiet else "–") + " | "
+            + (f"{night:.2f}" if night is not None else "–") + " | "
+            + (f"{night / quiet:.2f}" if night is not None and quiet else "–") + " |")
+    return ("quiet night (mailsnap-maildir, nochange): "
+            + (f"{quiet:.2f} s" if quiet else "not run") + "\n\n" + "\n".join(out))
+
+
 def markdown(rows: list[dict[str, Any]], marks: dict[str, str]) -> str:
     out = ["| method | scenario | median s | × rsync | written MB | copied | linked "
            "| folders listed | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
@@ -1133,6 +1222,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma-separated, run in this order: {', '.join(SCENARIOS)}")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write raw numbers here")
+    parser.add_argument("--floor", action="store_true",
+                        help="btrfs target: before each mailsnap night of renames, time the "
+                        "same renames in a fresh snapshot of its newest backup, and sync")
     args = parser.parse_args()
     if args.quick:
         args.messages, args.repeat, args.full_repeat = 1000, 1, 1
@@ -1143,6 +1235,8 @@ def parse_args() -> argparse.Namespace:
     args.scenarios = [x.strip() for x in args.scenarios.split(",") if x.strip()]
     if set(args.scenarios) - set(SCENARIOS) or args.scenarios[:1] != ["full"]:
         parser.error(f"--scenarios: 'full' first, then any of {', '.join(SCENARIOS[1:])}")
+    if args.floor and (args.target_fs != "btrfs" or "mailsnap-maildir" not in args.methods):
+        parser.error("--floor needs --target-fs btrfs and the mailsnap-maildir method")
     if args.messages < 100 or args.repeat < 1 or args.full_repeat < 1:
         parser.error("--messages must be at least 100, --repeat and --full-repeat at least 1")
     return args
@@ -1175,6 +1269,7 @@ def main() -> int:
     uid, gid = vmail_owner("doveadm" in methods_wanted)
     estimate = args.messages * 9000  # bytes: median ~6 KB, mean ~8 KB, plus Dovecot's files
     samples: list[Sample] = []
+    floors: list[Sample] = []
     changes: list[dict[str, Any]] = []
 
     with contextlib.ExitStack() as stack:
@@ -1266,11 +1361,21 @@ def main() -> int:
             except RuntimeError as exc:
                 notes.append(f"doveadm backup skipped: building its index failed: {exc}"[:500])
         known: dict[str, set[Key]] = {m.name: set() for m in methods}
+        floor = None
+        if args.floor:
+            from mailsnap.copiers.frozen import default_threads
+
+            scratch = targets / "floor"
+            scratch.mkdir(mode=0o700)
+            maildir = next(m for m in methods if m.name == "mailsnap-maildir")
+            assert isinstance(maildir, MailsnapMethod)
+            floor = RenameFloor(maildir, src.mail, scratch, default_threads())
 
         for si, scenario in enumerate(s for s in SCENARIOS if s in args.scenarios):
             reps = args.full_repeat if scenario == "full" else args.repeat
             for rep in range(reps):
                 change: dict[str, Any] = {"scenario": scenario, "rep": rep + 1}
+                store.journal.clear()
                 started = time.perf_counter()
                 if scenario == "full" and rep > 0:
                     for method in methods:
@@ -1290,6 +1395,10 @@ def main() -> int:
                 log(f"{scenario} {rep + 1}/{reps}: "
                     + ", ".join(f"{k} {v}" for k, v in change.items()
                                 if k not in ("scenario", "rep")))
+                if floor is not None and store.journal and floor.mailsnap in methods:
+                    os.sync()
+                    floors.append(floor.measure(store.journal, scenario, rep + 1))
+                    log(f"  {floor.name}: {floors[-1].seconds:.2f} s, {floors[-1].report}")
                 shift = (si + rep) % len(methods)
                 for method in methods[shift:] + methods[:shift]:
                     os.sync()
@@ -1329,6 +1438,8 @@ def main() -> int:
           f"target; {'cold' if args.cold else 'warm'} cache; median of {args.repeat} "
           f"(full: {args.full_repeat}); seeding took {seed_seconds:.0f} s\n")
     print(markdown(rows, marks))
+    if floors:
+        print(f"\n{floor_table(samples, floors)}")
     for note in notes:
         print(f"\n{note}")
     if args.json:
@@ -1339,6 +1450,7 @@ def main() -> int:
             "full_repeat": args.full_repeat, "cold": args.cold, "target_fs": args.target_fs,
             "notes": notes, "changes": changes, "summary": rows,
             "samples": [asdict(s) for s in samples],
+            "floor": [asdict(s) for s in floors],
         }, indent=2) + "\n")
     return 0
 
