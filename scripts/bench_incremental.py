@@ -50,10 +50,12 @@ target:
   program's own files back;
 
 With ``--floor`` (btrfs target), a night of renames (``flags1``, ``renames``, ``flags10``)
-is first replayed without mailsnap: the same renames, in order, in a fresh writable snapshot
-of mailsnap's newest backup, then ``sync -f`` (``RenameFloor``). That is what btrfs alone
-costs for the night's changes, so a mailsnap night of them cannot cost less than its quiet
-night plus it; a second table sets the two side by side.
+is first replayed without mailsnap: each renamed message's one rename from its name in the
+backup to its name now, a folder at a time, in a fresh writable snapshot of mailsnap's newest
+backup, then ``sync -f`` (``RenameFloor``). That is what btrfs alone costs for the night's
+changes, before any listing, record or Dovecot file: a copier may overlap some of it with its
+own work, but not the sync, and not the renames of folders it has not listed yet. A second
+table sets it beside mailsnap's night and its quiet night.
 
 A change set is applied once to the live source, then every method backs up that same state
 once, the methods in a rotating order (each takes its own snapshot; nothing changes between
@@ -832,11 +834,12 @@ class MailsnapMethod:
 
 class RenameFloor:
     """``--floor``: what a night's renames cost btrfs alone, whatever a copier does around
-    them. Before mailsnap's night, the renames of the change set (``Store.journal``) are
-    replayed in a fresh writable snapshot of mailsnap's newest backup, by as many threads as
-    mailsnap's copier runs (a message's renames in order, on one thread), then ``sync -f``.
-    Timed: the renames and the sync; not the snapshot, which a quiet night makes too. So a
-    night of mailsnap on a btrfs target cannot cost less than its quiet night plus this."""
+    them. Before mailsnap's night, the renames of the change set (``Store.journal``, each
+    message's first name to its last: one rename, or none if it came back) are made in a
+    fresh writable snapshot of mailsnap's newest backup, a folder at a time, the folders
+    shared among as many threads as mailsnap's copier runs, then ``sync -f``. Timed: the
+    renames and the sync; not the snapshot, which a quiet night makes too. So a night of
+    mailsnap on a btrfs target cannot cost much less than its quiet night plus this."""
 
     name = "btrfs floor"
 
@@ -848,14 +851,21 @@ class RenameFloor:
         self.threads = threads
 
     def measure(self, journal: list[tuple[Path, Path]], scenario: str, rep: int) -> Sample:
+        first: dict[Path, Path] = {}  # a message's name now → its name in the backup
+        for old, new in journal:
+            first[new] = first.pop(old, old)
+        moves = sorted((old, new) for new, old in first.items() if old != new)
         night = self.scratch / f"floor-{scenario}-{rep}"
         sh("btrfs", "subvolume", "snapshot", str(self.mailsnap.backups()[-1]), str(night))
         sh("sync", "-f", str(night))
+        folders: dict[Path, list[tuple[Path, Path]]] = {}
+        for old, new in moves:
+            folders.setdefault(old.parent, []).append(
+                (night / "mail" / old.relative_to(self.source),
+                 night / "mail" / new.relative_to(self.source)))
         lanes: list[list[tuple[Path, Path]]] = [[] for _ in range(self.threads)]
-        for old, new in journal:
-            lane = lanes[hash(old.name.split(":", 1)[0]) % self.threads]
-            lane.append((night / "mail" / old.relative_to(self.source),
-                         night / "mail" / new.relative_to(self.source)))
+        for i, pairs in enumerate(folders.values()):
+            lanes[i % self.threads] += pairs
         try:
             started = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
@@ -871,8 +881,8 @@ class RenameFloor:
         return Sample(method=self.name, scenario=scenario, rep=rep, seconds=seconds,
                       peak_rss_mib=0.0, written_bytes=0, copied=0, linked=0, files=0,
                       statvfs_delta_bytes=0,
-                      report={"renames": len(journal), "rename_seconds": renamed,
-                              "sync_seconds": seconds - renamed})
+                      report={"renames": len(moves), "folders": len(folders),
+                              "rename_seconds": renamed, "sync_seconds": seconds - renamed})
 
 
 def _rename_each(pairs: list[tuple[Path, Path]]) -> None:
