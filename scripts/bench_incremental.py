@@ -869,8 +869,7 @@ class RenameFloor:
         try:
             started = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
-                for done in pool.map(_rename_each, lanes):
-                    del done
+                list(pool.map(_rename_each, lanes))  # a failed rename raises here
             renamed = time.perf_counter() - started
             sh("sync", "-f", str(night))
             seconds = time.perf_counter() - started
